@@ -1,0 +1,102 @@
+/* io.h: reading and writing models, tokenizers and token files.
+ *
+ * Every reader validates what it reads against the file size and the other
+ * metadata before touching it, and fails with LV_ERR_FORMAT / LV_ERR_IO and a
+ * message of the form "PATH: problem" (lv_last_error()). Nothing is read past
+ * the end of a file, whatever its header says. */
+#ifndef IO_H
+#define IO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "lv.h"
+#include "lv_model.h"
+
+/* ---------------- models ---------------- */
+
+typedef enum {
+    IO_MODEL_AUTO = 0,  /* detect from the path: directory => HF, else .bin */
+    IO_MODEL_LLAMA2C,   /* llama2.c legacy v0 .bin */
+    IO_MODEL_HF,        /* HF directory: config.json + model.safetensors or sharded index */
+} io_model_format;
+
+/* Open a model (memory-mapped; float32 tensors are not copied; f16/bf16 are
+ * converted once into an owned arena). Rejects NaN/Inf weights.
+ * On success *out is owned by the caller: io_model_free(). */
+lv_status io_model_open(lv_model **out, const char *path, io_model_format fmt);
+void io_model_free(lv_model *m);
+
+/* llama2.c .bin alone (memory-mapped, size validated against the header). */
+lv_status io_model_open_llama2c(lv_model **out, const char *path);
+/* HF directory (config.json + safetensors single or sharded; F32/F16/BF16).
+ * q/k are kept as HF stores them (permuted for rotate-half): cfg.rope = LV_ROPE_HALF. */
+lv_status io_model_open_hf(lv_model **out, const char *dir);
+
+/* Write m as an HF LLaMA directory (config.json + model.safetensors, F32).
+ * q/k rows are permuted to HF's rotate-half order when m uses interleaved RoPE,
+ * so the written model gives the same logits. Creates dir if needed. */
+lv_status io_model_write_hf(const lv_model *m, const char *dir);
+
+/* Write m as a llama2.c legacy .bin (float32). */
+lv_status io_model_write_llama2c(const lv_model *m, const char *path);
+
+/* A model with random weights in the shapes of cfg (normal(0, 0.02) linears,
+ * unit norms), seeded; owned arena. For benchmarks (`llmvq synth`). */
+lv_status io_model_synth(lv_model **out, const lv_model_config *cfg, uint64_t seed);
+
+/* Config of a named preset ("stories260K", "stories15M", "llama2-7b", "llama2-70b",
+ * "tiny-bench" ...) or of an HF config.json (no weights needed). */
+lv_status io_config_preset(lv_model_config *cfg, const char *name);
+lv_status io_config_read_hf(lv_model_config *cfg, const char *config_json_path);
+
+/* ---------------- tokenizer (llama2.c tokenizer.bin) ---------------- */
+
+typedef struct io_tokenizer io_tokenizer;
+
+/* vocab_size comes from the model (the file does not store it). */
+lv_status io_tokenizer_open(io_tokenizer **out, const char *path, int vocab_size);
+void io_tokenizer_free(io_tokenizer *t);
+
+/* Encode text (n bytes, need not be NUL-terminated) as llama2.c's encode does:
+ * optional BOS (1), dummy-prefix space when text is non-empty, codepoints with
+ * byte fallback (+3), highest-score merges. *tokens is malloc'd, caller frees.
+ * Runs in O(n log n) so that a whole evaluation text is encoded at once. */
+lv_status io_tokenizer_encode(const io_tokenizer *t, const char *text, size_t n, int bos,
+                              int eos, int32_t **tokens, int64_t *n_tokens);
+
+/* Piece of `token` following `prev` (strips the leading space after BOS,
+ * maps <0xXX> to the raw byte). Borrowed string. */
+const char *io_tokenizer_decode(const io_tokenizer *t, int32_t prev, int32_t token);
+
+int io_tokenizer_vocab_size(const io_tokenizer *t);
+
+/* ---------------- token files (docs/formats.md) ----------------
+ * Header (little-endian, 32 bytes): magic "LVQTOK01" (8 bytes), uint32 version (1),
+ * uint32 bytes_per_token (2 or 4), uint64 n_tokens, uint32 vocab_size, uint32 reserved (0);
+ * then n_tokens unsigned integers of bytes_per_token bytes. */
+
+lv_status io_tokens_write(const char *path, const int32_t *tokens, int64_t n, int vocab_size);
+/* Reads and validates (size, every id < vocab_size). *tokens malloc'd. */
+lv_status io_tokens_read(const char *path, int32_t **tokens, int64_t *n, int *vocab_size);
+
+/* Tokens of a data file for a model: a token file (by magic) is read as is,
+ * anything else is UTF-8 text encoded with `tok` (BOS, no EOS). Empty or
+ * unreadable data is an error naming the file. Checks ids < vocab_size. */
+lv_status io_data_tokens(const char *path, const io_tokenizer *tok, int vocab_size,
+                         int32_t **tokens, int64_t *n);
+
+/* ---------------- files ---------------- */
+
+/* Read-only memory map of a whole file. Empty files map to NULL with size 0. */
+typedef struct {
+    void *data;
+    size_t size;
+} io_map;
+lv_status io_map_open(io_map *m, const char *path);
+void io_map_close(io_map *m);
+
+/* Whole file into a malloc'd, NUL-terminated buffer. */
+lv_status io_read_file(const char *path, char **buf, size_t *size);
+
+#endif

@@ -1,0 +1,132 @@
+/* kern.h: compute kernels of llmvq. One interface, two implementations:
+ *  - the CPU reference (kernels/cpu/, C11 + OpenMP + OpenBLAS): what tests check;
+ *  - CUDA (kernels/cuda/, cuBLAS + own kernels) behind the same lv_backend table.
+ *
+ * Shapes are given as (B, T, C) etc.; all buffers are float32, row-major.
+ * Activations of a calibration batch are (B, T, dim) = B sequences of T tokens,
+ * positions 0..T-1 within each sequence. */
+#ifndef KERN_H
+#define KERN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "lv.h"
+#include "lv_model.h"
+
+/* ------------------------------------------------------------------------
+ * CPU reference ops (kernels/cpu/). All are host pointers, synchronous.
+ * ---------------------------------------------------------------------- */
+
+/* out (n, d_out) = x (n, d_in) @ w^T, w (d_out, d_in): one cblas_sgemm. */
+void kern_matmul_ref(float *out, const float *x, const float *w, int64_t n, int d_in,
+                     int d_out);
+
+/* out (n, dim) = x / sqrt(mean(x^2) + eps) * w, row by row. out may equal x. */
+void kern_rmsnorm_ref(float *out, const float *x, const float *w, int64_t n, int dim,
+                      float eps);
+
+/* In-place RoPE on x (B, T, n_heads, head_dim); token t of each sequence has
+ * position pos0 + t. style picks the pairing (see lv_rope_style). */
+void kern_rope_ref(float *x, int B, int T, int n_heads, int head_dim, int pos0, float theta,
+                   lv_rope_style style);
+
+/* Causal attention with GQA, scale 1/sqrt(head_dim).
+ * q (B, T, n_heads*hd), k, v (B, T, n_kv_heads*hd) -> out (B, T, n_heads*hd).
+ * Query head h reads KV head h / (n_heads / n_kv_heads).
+ * att: scratch of at least kern_attention_scratch(T, n_heads, omp threads) floats. */
+void kern_attention_ref(float *out, const float *q, const float *k, const float *v, int B,
+                        int T, int n_heads, int n_kv_heads, int head_dim, float *att);
+size_t kern_attention_scratch(int T, int n_heads, int n_threads);
+
+/* out (n) = silu(gate) * up. out may equal gate. */
+void kern_swiglu_ref(float *out, const float *gate, const float *up, int64_t n);
+
+/* In-place softmax over each row of x (n, d). */
+void kern_softmax_ref(float *x, int64_t n, int d);
+
+/* Sum over rows of -log softmax(logits[i])[targets[i]], in double, for the rows
+ * with targets[i] >= 0. logits (n, vocab). */
+double kern_xent_sum_ref(const float *logits, const int32_t *targets, int64_t n, int vocab);
+
+/* out (n, dim) = emb[tokens[i]] rows; emb (vocab, dim). Tokens must be valid. */
+void kern_embed_ref(float *out, const float *emb, const int32_t *tokens, int64_t n, int dim);
+
+/* ------------------------------------------------------------------------
+ * Transformer forward (kernels/forward.c), GEMM-based over a whole batch.
+ * ---------------------------------------------------------------------- */
+
+typedef struct kern_fwd_ws kern_fwd_ws; /* workspace sized for (B, T), opaque */
+
+/* Allocate a workspace for batches of up to B x T tokens of this config.
+ * with_logits: also hold (B, T, vocab) logits. Caller frees. */
+lv_status kern_fwd_ws_init(kern_fwd_ws **ws, const lv_model_config *cfg, int B, int T,
+                           int with_logits);
+void kern_fwd_ws_free(kern_fwd_ws *ws);
+
+/* x (B, T, dim) <- block `layer` applied to x (positions 0..T-1 in each sequence). */
+lv_status kern_block_forward(const lv_model *m, int layer, float *x, int B, int T,
+                             kern_fwd_ws *ws);
+
+/* Full forward: tokens (B, T) -> logits (B, T, vocab), returned as a borrowed
+ * pointer into ws (valid until the next call). */
+lv_status kern_model_forward(const lv_model *m, const int32_t *tokens, int B, int T,
+                             kern_fwd_ws *ws, const float **logits);
+
+/* ------------------------------------------------------------------------
+ * Single-token decoding with a KV cache (generate).
+ * ---------------------------------------------------------------------- */
+
+typedef struct kern_kv_cache kern_kv_cache;
+lv_status kern_kv_cache_init(kern_kv_cache **kv, const lv_model_config *cfg, int max_pos);
+void kern_kv_cache_free(kern_kv_cache *kv);
+/* Run token at position pos (0-based, < max_pos); logits (vocab) borrowed from kv. */
+lv_status kern_decode_step(const lv_model *m, kern_kv_cache *kv, int32_t token, int pos,
+                           const float **logits);
+
+/* ------------------------------------------------------------------------
+ * Backends (ggml style): an opaque handle over a table of function pointers.
+ * An op a backend lacks is NULL; the dispatchers return LV_ERR_UNSUPPORTED.
+ * ---------------------------------------------------------------------- */
+
+typedef struct lv_backend lv_backend;
+
+typedef struct {
+    const char *name;
+    lv_status (*alloc)(lv_backend *be, void **ptr, size_t bytes);
+    void (*free)(lv_backend *be, void *ptr);
+    lv_status (*h2d)(lv_backend *be, void *dst, const void *src, size_t bytes);
+    lv_status (*d2h)(lv_backend *be, void *dst, const void *src, size_t bytes);
+    lv_status (*sync)(lv_backend *be);
+    /* Ops on backend memory, same semantics as the _ref functions above. */
+    lv_status (*matmul)(lv_backend *be, float *out, const float *x, const float *w, int64_t n,
+                        int d_in, int d_out);
+    lv_status (*rmsnorm)(lv_backend *be, float *out, const float *x, const float *w, int64_t n,
+                         int dim, float eps);
+    lv_status (*rope)(lv_backend *be, float *x, int B, int T, int n_heads, int head_dim,
+                      int pos0, float theta, lv_rope_style style);
+    lv_status (*attention)(lv_backend *be, float *out, const float *q, const float *k,
+                           const float *v, int B, int T, int n_heads, int n_kv_heads,
+                           int head_dim);
+    lv_status (*swiglu)(lv_backend *be, float *out, const float *gate, const float *up,
+                        int64_t n);
+    lv_status (*softmax)(lv_backend *be, float *x, int64_t n, int d);
+    lv_status (*embed)(lv_backend *be, float *out, const float *emb, const int32_t *tokens,
+                       int64_t n, int dim);
+} lv_backend_ops;
+
+struct lv_backend {
+    const lv_backend_ops *ops;
+    void *impl; /* backend-private state */
+};
+
+/* The CPU reference backend (always available; host memory). Caller frees. */
+lv_status lv_backend_cpu_init(lv_backend **be);
+/* The CUDA backend on device `device`. LV_ERR_UNSUPPORTED when the build has no
+ * CUDA or the machine has no usable GPU (the message says which). */
+lv_status lv_backend_cuda_init(lv_backend **be, int device);
+/* Number of usable CUDA devices (0 without CUDA build, driver or GPU). */
+int lv_cuda_device_count(void);
+void lv_backend_free(lv_backend *be);
+
+#endif

@@ -1,0 +1,1 @@
+llmvq_add_test(NAME test_core SOURCES test_core.c LABELS unit)
