@@ -3,32 +3,48 @@
 #include <string.h>
 
 #include "lv.h"
+#include "pipe.h"
+
+typedef struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *help;
+} command;
+
+static const command commands[] = {
+    {"eval", pipe_cmd_eval, "perplexity of a model on a text or token file"},
+    {"generate", pipe_cmd_generate, "sample text from a model"},
+    {"convert", pipe_cmd_convert, "convert a model (llama2.c .bin <-> Hugging Face directory)"},
+    {"synth", pipe_cmd_synth, "write a model with random weights in real shapes (benchmarks)"},
+};
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: llmvq COMMAND [ARGS]\n"
-            "\n"
-            "commands:\n"
-            "  eval      perplexity of a model on a text or token file\n"
-            "  generate  sample text from a model\n"
-            "  convert   convert a llama2.c .bin model to a Hugging Face directory\n"
-            "  synth     write a model with random weights in real shapes\n"
-            "\n"
-            "Run 'llmvq COMMAND --help' for a command's options.\n");
+    fprintf(f, "usage: llmvq COMMAND [ARGS]\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
+    fprintf(f, "\nRun 'llmvq COMMAND --help' for a command's options.\n"
+               "Exit status: 0 success, 1 error, 2 usage, 75 stopped by a signal "
+               "(work checkpointed).\n");
 }
 
 int main(int argc, char **argv)
 {
     if (argc < 2) {
         usage(stderr);
-        return 2;
+        return PIPE_EXIT_USAGE;
     }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(stdout);
-        return 0;
+        return PIPE_EXIT_OK;
     }
+    if (!strcmp(argv[1], "--version")) {
+        printf("llmvq 0.1.0\n");
+        return PIPE_EXIT_OK;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 2, argv + 2);
     fprintf(stderr, "llmvq: unknown command '%s'\n", argv[1]);
     usage(stderr);
-    return 2;
+    return PIPE_EXIT_USAGE;
 }

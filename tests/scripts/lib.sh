@@ -1,0 +1,37 @@
+# lib.sh: helpers for the shell-level tests (sourced). Needs LLMVQ_BIN and
+# LLMVQ_DEMO_DIR from ctest's environment.
+set -u
+: "${LLMVQ_BIN:?}" "${LLMVQ_DEMO_DIR:?}"
+T=$(mktemp -d /tmp/llmvq-test.XXXXXX)
+trap 'rm -rf "$T"' EXIT
+FAILS=0
+PASSES=0
+
+ok()   { PASSES=$((PASSES + 1)); echo "ok   $*"; }
+bad()  { FAILS=$((FAILS + 1)); echo "FAIL $*"; }
+
+# expect_error NAME PATTERN CMD...: CMD must exit 1 (not crash, not 0) and print
+# exactly one stderr line starting with "llmvq" that matches PATTERN.
+expect_error() {
+  local name=$1 pat=$2; shift 2
+  local rc=0
+  "$@" >"$T/out" 2>"$T/err" || rc=$?
+  local lines
+  lines=$(grep -c '^llmvq' "$T/err" || true)
+  if [ "$rc" -ne 1 ]; then
+    bad "$name: exit $rc (want 1); stderr: $(tail -n 3 "$T/err")"
+  elif [ "$lines" -ne 1 ]; then
+    bad "$name: $lines 'llmvq' error lines (want 1): $(cat "$T/err")"
+  elif ! grep '^llmvq' "$T/err" | grep -Eq -- "$pat"; then
+    bad "$name: message does not match /$pat/: $(grep '^llmvq' "$T/err")"
+  elif grep -q 'AddressSanitizer\|runtime error' "$T/err"; then
+    bad "$name: sanitizer report: $(head -n 5 "$T/err")"
+  else
+    ok "$name: $(grep '^llmvq' "$T/err")"
+  fi
+}
+
+finish() {
+  echo "$PASSES passed, $FAILS failed"
+  [ "$FAILS" -eq 0 ]
+}
