@@ -1,0 +1,81 @@
+/* job_schema.c: every job-file key, its type, default and help. Append-only in
+ * spirit: renaming a key breaks users' job files. */
+#include "job.h"
+
+#define NOLIM 0, 0
+
+static const job_key schema[] = {
+    /* [model] */
+    {"model", "path", JOB_PATH, NULL, NOLIM, NULL,
+     "model to quantize: llama2.c .bin or Hugging Face directory"},
+    {"model", "tokenizer", JOB_PATH, "", NOLIM, NULL,
+     "llama2.c tokenizer.bin for text data (default: tokenizer.bin or tok<vocab>.bin beside the model)"},
+
+    /* [calibration] */
+    {"calibration", "data", JOB_PATH, NULL, NOLIM, NULL,
+     "calibration text or token file (LVQTOK01)"},
+    {"calibration", "nsamples", JOB_INT, "128", 1, 1 << 20, NULL,
+     "calibration sequences"},
+    {"calibration", "seqlen", JOB_INT, "0", 0, 1 << 20, NULL,
+     "tokens per calibration sequence (0 = the model's seq_len)"},
+    {"calibration", "holdout", JOB_FLOAT, "0.1", 0, 0.5, NULL,
+     "fraction of the sequences held out for fine-tuning early stopping"},
+
+    /* [quant] */
+    {"quant", "num_codebooks", JOB_INT, "1", 1, 8, NULL,
+     "additive codebooks per group (AQLM M)"},
+    {"quant", "nbits", JOB_INT, "8", 1, 16, NULL,
+     "bits per code: each codebook has 2^nbits entries (AQLM B)"},
+    {"quant", "group_size", JOB_INT, "8", 1, 64, NULL,
+     "input weights per code (AQLM in_group_size)"},
+    {"quant", "beam_size", JOB_INT, "8", 1, 256, NULL, "beam width of the code search"},
+    {"quant", "max_iters", JOB_INT, "20", 1, 10000, NULL,
+     "maximum alternations of code search and codebook update"},
+    {"quant", "rel_tol", JOB_FLOAT, "0.01", 0, 1, NULL,
+     "stop alternating when the relative error improves by less than this fraction"},
+    {"quant", "codebook_update", JOB_ENUM, "adam", NOLIM, "adam|lstsq",
+     "codebook update between code searches: Adam or closed-form least squares"},
+    {"quant", "share_codebooks", JOB_ENUM, "none", NOLIM, "none|block|model",
+     "share codebooks across the linears of a block or of the whole model"},
+    {"quant", "init", JOB_ENUM, "vptq", NOLIM, "vptq|kmeans",
+     "codebook init: Hessian-weighted k-means (VPTQ) or plain k-means"},
+    {"quant", "outlier_frac", JOB_FLOAT, "0", 0, 0.5, NULL,
+     "fraction of input columns (by Hessian importance) kept at fp16"},
+    {"quant", "propagation", JOB_ENUM, "quantized", NOLIM, "quantized|fp",
+     "inputs of the next block: outputs of the quantized block (AQLM) or of the FP one (parallel)"},
+
+    /* [finetune] */
+    {"finetune", "enable", JOB_BOOL, "true", NOLIM, NULL,
+     "block fine-tuning of codebooks, scales and norms after quantization"},
+    {"finetune", "lr", JOB_FLOAT, "1e-4", 0, 1, NULL, "Adam learning rate"},
+    {"finetune", "max_epochs", JOB_INT, "20", 0, 100000, NULL, "epochs over the calibration set"},
+    {"finetune", "batch_size", JOB_INT, "8", 1, 1 << 20, NULL, "sequences per Adam step"},
+    {"finetune", "patience", JOB_INT, "2", 0, 1000, NULL,
+     "stop after this many epochs without held-out improvement"},
+
+    /* [run] */
+    {"run", "seed", JOB_INT, "0", 0, 9.0e15, NULL,
+     "seed of every random choice: same job + seed = bit-identical codes"},
+    {"run", "threads", JOB_INT, "0", 0, 4096, NULL,
+     "threads per rank (0 = OMP_NUM_THREADS or all cores of the rank)"},
+    {"run", "checkpoint_dir", JOB_PATH, "", NOLIM, NULL,
+     "where finished blocks are checkpointed (default: OUTPUT_DIR/checkpoint)"},
+    {"run", "scratch_dir", JOB_PATH, "", NOLIM, NULL,
+     "node-local directory for calibration activations that do not fit in RAM (default: none)"},
+
+    /* [output] */
+    {"output", "dir", JOB_PATH, "out", NOLIM, NULL,
+     "output directory: model.h5 and summary.json"},
+    {"output", "eval_data", JOB_PATH, "", NOLIM, NULL,
+     "text or token file for perplexity before/after (default: none)"},
+    {"output", "eval_ctx", JOB_INT, "0", 0, 1 << 20, NULL,
+     "evaluation window (0 = the model's seq_len)"},
+    {"output", "export", JOB_ENUM, "none", NOLIM, "none|hf-aqlm",
+     "also export the quantized model in this format"},
+};
+
+const job_key *job_schema(int *n)
+{
+    *n = (int)(sizeof schema / sizeof schema[0]);
+    return schema;
+}
