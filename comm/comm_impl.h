@@ -1,0 +1,25 @@
+/* comm_impl.h: private to comm/. */
+#ifndef COMM_IMPL_H
+#define COMM_IMPL_H
+
+#include "comm.h"
+
+enum { COMM_TAG_REDUCE = 30001 };
+
+struct comm_ctx {
+    MPI_Comm comm; /* owned duplicate of the caller's communicator */
+    int rank, size;
+    double timeout_s;
+    comm_backend backend;
+    void *nccl;    /* ncclComm_t when backend == COMM_BACKEND_NCCL */
+};
+
+/* Wait for req until the context's deadline; names `what` and `peer` on failure. */
+lv_status comm_wait(comm_ctx *c, MPI_Request *req, const char *what, int peer);
+
+/* Collective: decide NCCL vs MPI (all ranks must have a GPU) and set up NCCL.
+ * Implemented in comm_nccl.c (CUDA builds) or comm_nonccl.c. */
+lv_status comm_nccl_setup(comm_ctx *c, int allow_nccl);
+void comm_nccl_teardown(comm_ctx *c);
+
+#endif
