@@ -1,0 +1,141 @@
+/* lv_quant.c: allocation and accounting of quantized layers, blocks, models. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "lv_quant.h"
+
+static const char *lin_names[LV_LIN_COUNT] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+
+const char *lv_lin_name(lv_lin which)
+{
+    return (which >= 0 && which < LV_LIN_COUNT) ? lin_names[which] : "?";
+}
+
+void lv_lin_shape(const lv_model_config *cfg, lv_lin which, int64_t *d_out, int64_t *d_in)
+{
+    int64_t dim = cfg->dim, kv = lv_cfg_kv_dim(cfg), hid = cfg->hidden_dim;
+    switch (which) {
+    case LV_LIN_WQ: *d_out = dim; *d_in = dim; break;
+    case LV_LIN_WK:
+    case LV_LIN_WV: *d_out = kv; *d_in = dim; break;
+    case LV_LIN_WO: *d_out = dim; *d_in = dim; break;
+    case LV_LIN_W1:
+    case LV_LIN_W3: *d_out = hid; *d_in = dim; break;
+    case LV_LIN_W2: *d_out = dim; *d_in = hid; break;
+    default: *d_out = 0; *d_in = 0; break;
+    }
+}
+
+lv_status lv_aq_layer_init(lv_aq_layer *L, int64_t d_out, int64_t d_in, int M, int nbits, int g)
+{
+    lv_status st = LV_OK;
+    memset(L, 0, sizeof *L);
+    if (d_out <= 0 || d_in <= 0 || M < 1 || M > 64 || nbits < 1 || nbits > 16 || g < 1)
+        LV_FAIL(LV_ERR_INVALID_ARG, "quantized layer: bad shape/config (%lld x %lld, M %d, "
+                "nbits %d, g %d)", (long long)d_out, (long long)d_in, M, nbits, g);
+    L->d_out = d_out;
+    L->d_in = d_in;
+    L->n_groups = (d_in + g - 1) / g;
+    L->M = M;
+    L->nbits = nbits;
+    L->g = g;
+    LV_ALLOC(L->codes, (size_t)d_out * (size_t)L->n_groups * (size_t)M);
+    LV_ALLOC(L->codebooks, (size_t)M * ((size_t)1 << nbits) * (size_t)g);
+    LV_ALLOC(L->scales, (size_t)d_out);
+    for (int64_t r = 0; r < d_out; r++) L->scales[r] = 1.0f;
+done:
+    if (st != LV_OK) lv_aq_layer_free(L);
+    return st;
+}
+
+void lv_aq_layer_free(lv_aq_layer *L)
+{
+    if (!L) return;
+    free(L->codes);
+    free(L->codebooks);
+    free(L->scales);
+    memset(L, 0, sizeof *L);
+}
+
+lv_status lv_qblock_init(lv_qblock *b, const lv_model_config *cfg, int M, int nbits, int g)
+{
+    lv_status st = LV_OK;
+    memset(b, 0, sizeof *b);
+    LV_ALLOC(b->attn_norm, (size_t)cfg->dim);
+    LV_ALLOC(b->ffn_norm, (size_t)cfg->dim);
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        int64_t o, i;
+        lv_lin_shape(cfg, (lv_lin)k, &o, &i);
+        LV_TRY(lv_aq_layer_init(&b->lin[k], o, i, M, nbits, g));
+    }
+done:
+    if (st != LV_OK) lv_qblock_free(b);
+    return st;
+}
+
+void lv_qblock_free(lv_qblock *b)
+{
+    if (!b) return;
+    free(b->attn_norm);
+    free(b->ffn_norm);
+    for (int k = 0; k < LV_LIN_COUNT; k++) lv_aq_layer_free(&b->lin[k]);
+    memset(b, 0, sizeof *b);
+}
+
+lv_status lv_qmodel_init(lv_qmodel **out, const lv_model *fp, int M, int nbits, int g)
+{
+    lv_status st = LV_OK;
+    lv_qmodel *q = NULL;
+    const lv_model_config *c = &fp->cfg;
+    size_t emb = (size_t)c->vocab_size * (size_t)c->dim;
+    *out = NULL;
+    LV_ALLOC(q, 1);
+    q->cfg = *c;
+    q->M = M;
+    q->nbits = nbits;
+    q->g = g;
+    LV_ALLOC(q->tok_emb, emb);
+    memcpy(q->tok_emb, fp->tok_emb, emb * sizeof(float));
+    LV_ALLOC(q->final_norm, (size_t)c->dim);
+    memcpy(q->final_norm, fp->final_norm, (size_t)c->dim * sizeof(float));
+    if (!c->tied_cls) {
+        LV_ALLOC(q->wcls, emb);
+        memcpy(q->wcls, fp->wcls, emb * sizeof(float));
+    }
+    LV_ALLOC(q->blocks, (size_t)c->n_layers);
+    for (int l = 0; l < c->n_layers; l++) {
+        LV_TRY(lv_qblock_init(&q->blocks[l], c, M, nbits, g));
+        memcpy(q->blocks[l].attn_norm, fp->layers[l].attn_norm, (size_t)c->dim * sizeof(float));
+        memcpy(q->blocks[l].ffn_norm, fp->layers[l].ffn_norm, (size_t)c->dim * sizeof(float));
+    }
+    *out = q;
+    q = NULL;
+done:
+    lv_qmodel_free(q);
+    return st;
+}
+
+void lv_qmodel_free(lv_qmodel *q)
+{
+    if (!q) return;
+    for (int l = 0; q->blocks && l < q->cfg.n_layers; l++) lv_qblock_free(&q->blocks[l]);
+    free(q->blocks);
+    free(q->tok_emb);
+    free(q->final_norm);
+    free(q->wcls);
+    free(q);
+}
+
+double lv_qmodel_bits_per_weight(const lv_qmodel *q)
+{
+    double bits = 0, weights = 0;
+    for (int l = 0; l < q->cfg.n_layers; l++)
+        for (int k = 0; k < LV_LIN_COUNT; k++) {
+            const lv_aq_layer *L = &q->blocks[l].lin[k];
+            bits += (double)L->d_out * (double)L->n_groups * L->M * L->nbits;
+            bits += (double)L->M * (double)(1 << L->nbits) * L->g * 16.0;
+            bits += (double)L->d_out * 16.0;
+            weights += (double)L->d_out * (double)L->d_in;
+        }
+    return weights > 0 ? bits / weights : 0.0;
+}

@@ -1,0 +1,75 @@
+/* lv_quant.h: quantized models in memory: additive-codebook (AQLM) linears and
+ * the blocks and model built from them. What the quantize stages produce, the
+ * HDF5 checkpoint and model files store (io/h5model.c, docs/formats-h5.md), and
+ * the quantized kernels read. */
+#ifndef LV_QUANT_H
+#define LV_QUANT_H
+
+#include <stdint.h>
+
+#include "lv.h"
+#include "lv_model.h"
+
+/* Additive-codebook quantized linear:
+ *   What[r, i*g + a] = scales[r] * sum_m codebooks[m, codes[r, i, m], a],
+ * for i*g + a < d_in (when g does not divide d_in the last group is cut; the
+ * quantizer pads the input dimension with zero Hessian, see docs/quant-numerics.md).
+ * Codes of up to 16 bits; codebooks and scales are float32 in memory and on disk. */
+typedef struct {
+    int64_t d_out, d_in; /* true shape of W (out_features, in_features) */
+    int64_t n_groups;    /* ceil(d_in / g) */
+    int M;               /* number of codebooks */
+    int nbits;           /* 2^nbits entries per codebook, 1..16 */
+    int g;               /* group size along d_in */
+    uint16_t *codes;     /* (d_out, n_groups, M), owned */
+    float *codebooks;    /* (M, 2^nbits, g), owned */
+    float *scales;       /* (d_out), owned */
+} lv_aq_layer;
+
+/* The seven linears of a LLaMA block, in this order everywhere (files too). */
+typedef enum {
+    LV_LIN_WQ = 0, LV_LIN_WK, LV_LIN_WV, LV_LIN_WO, LV_LIN_W1, LV_LIN_W2, LV_LIN_W3,
+    LV_LIN_COUNT
+} lv_lin;
+
+/* Names used in files and messages: "wq" ... "w3". */
+const char *lv_lin_name(lv_lin which);
+/* (d_out, d_in) of a linear for a config. */
+void lv_lin_shape(const lv_model_config *cfg, lv_lin which, int64_t *d_out, int64_t *d_in);
+
+typedef struct {
+    float *attn_norm;             /* (dim), owned: tuned by block fine-tuning */
+    float *ffn_norm;              /* (dim), owned */
+    lv_aq_layer lin[LV_LIN_COUNT];
+    double rel_err[LV_LIN_COUNT]; /* layer-wise relative error tr(dW H dW^T)/tr(W H W^T) */
+    double block_mse;             /* relative MSE of the block's outputs (after fine-tuning) */
+} lv_qblock;
+
+typedef struct {
+    lv_model_config cfg;
+    int M, nbits, g;              /* quantization config of the linears */
+    float *tok_emb;               /* (vocab, dim), owned, not quantized */
+    float *final_norm;            /* (dim), owned */
+    float *wcls;                  /* (vocab, dim), owned; NULL when cfg.tied_cls */
+    lv_qblock *blocks;            /* (n_layers), owned */
+    uint64_t job_hash, model_hash;
+} lv_qmodel;
+
+/* Allocate arrays of L for the given shape (codes zero, scales one). */
+lv_status lv_aq_layer_init(lv_aq_layer *L, int64_t d_out, int64_t d_in, int M, int nbits, int g);
+void lv_aq_layer_free(lv_aq_layer *L);
+
+/* Empty blocks for cfg (norms, linears allocated per the shapes and config). */
+lv_status lv_qblock_init(lv_qblock *b, const lv_model_config *cfg, int M, int nbits, int g);
+void lv_qblock_free(lv_qblock *b);
+
+/* Quantized model skeleton: copies embeddings/final norm/classifier of fp,
+ * blocks allocated empty. */
+lv_status lv_qmodel_init(lv_qmodel **out, const lv_model *fp, int M, int nbits, int g);
+void lv_qmodel_free(lv_qmodel *q);
+
+/* Total storage bits per quantized weight over all linears of the model:
+ * codes + codebooks (16-bit) + scales (16-bit), as in AQLM's accounting. */
+double lv_qmodel_bits_per_weight(const lv_qmodel *q);
+
+#endif
