@@ -18,9 +18,7 @@ static const job_key schema[] = {
      "calibration sequences"},
     {"calibration", "seqlen", JOB_INT, "0", 0, 1 << 20, NULL,
      "tokens per calibration sequence (0 = the model's seq_len)"},
-    {"calibration", "holdout", JOB_FLOAT, "0.1", 0, 0.5, NULL,
-     "fraction of the sequences held out for fine-tuning early stopping"},
-
+    
     /* [quant] */
     {"quant", "num_codebooks", JOB_INT, "1", 1, 8, NULL,
      "additive codebooks per group (AQLM M)"},
@@ -33,36 +31,25 @@ static const job_key schema[] = {
      "maximum alternations of code search and codebook update"},
     {"quant", "rel_tol", JOB_FLOAT, "0.01", 0, 1, NULL,
      "stop alternating when the relative error improves by less than this fraction"},
+    {"quant", "adam_lr", JOB_FLOAT, "1e-3", 0, 1, NULL,
+     "Adam learning rate of the codebook update (codebooks are scaled to ~1)"},
+    {"quant", "adam_steps", JOB_INT, "100", 1, 100000, NULL,
+     "Adam steps per codebook update"},
+    {"quant", "kmeans_iters", JOB_INT, "20", 1, 10000, NULL,
+     "k-means iterations of the codebook initialisation"},
     {"quant", "codebook_update", JOB_ENUM, "adam", NOLIM, "adam|lstsq",
      "codebook update between code searches: Adam or closed-form least squares"},
-    {"quant", "share_codebooks", JOB_ENUM, "none", NOLIM, "none|block|model",
-     "share codebooks across the linears of a block or of the whole model"},
-    {"quant", "init", JOB_ENUM, "vptq", NOLIM, "vptq|kmeans",
-     "codebook init: Hessian-weighted k-means (VPTQ) or plain k-means"},
-    {"quant", "outlier_frac", JOB_FLOAT, "0", 0, 0.5, NULL,
-     "fraction of input columns (by Hessian importance) kept at fp16"},
-    {"quant", "propagation", JOB_ENUM, "quantized", NOLIM, "quantized|fp",
+                {"quant", "propagation", JOB_ENUM, "quantized", NOLIM, "quantized|fp",
      "inputs of the next block: outputs of the quantized block (AQLM) or of the FP one (parallel)"},
 
     /* [finetune] */
-    {"finetune", "enable", JOB_BOOL, "true", NOLIM, NULL,
-     "block fine-tuning of codebooks, scales and norms after quantization"},
-    {"finetune", "lr", JOB_FLOAT, "1e-4", 0, 1, NULL, "Adam learning rate"},
-    {"finetune", "max_epochs", JOB_INT, "20", 0, 100000, NULL, "epochs over the calibration set"},
-    {"finetune", "batch_size", JOB_INT, "8", 1, 1 << 20, NULL, "sequences per Adam step"},
-    {"finetune", "patience", JOB_INT, "2", 0, 1000, NULL,
-     "stop after this many epochs without held-out improvement"},
-
+                    
     /* [run] */
     {"run", "seed", JOB_INT, "0", 0, 9.0e15, NULL,
      "seed of every random choice: same job + seed = bit-identical codes"},
-    {"run", "threads", JOB_INT, "0", 0, 4096, NULL,
-     "threads per rank (0 = OMP_NUM_THREADS or all cores of the rank)"},
-    {"run", "checkpoint_dir", JOB_PATH, "", NOLIM, NULL,
+        {"run", "checkpoint_dir", JOB_PATH, "", NOLIM, NULL,
      "where finished blocks are checkpointed (default: OUTPUT_DIR/checkpoint)"},
-    {"run", "scratch_dir", JOB_PATH, "", NOLIM, NULL,
-     "node-local directory for calibration activations that do not fit in RAM (default: none)"},
-
+    
     /* [output] */
     {"output", "dir", JOB_PATH, "out", NOLIM, NULL,
      "output directory: model.h5 and summary.json"},
@@ -70,9 +57,7 @@ static const job_key schema[] = {
      "text or token file for perplexity before/after (default: none)"},
     {"output", "eval_ctx", JOB_INT, "0", 0, 1 << 20, NULL,
      "evaluation window (0 = the model's seq_len)"},
-    {"output", "export", JOB_ENUM, "none", NOLIM, "none|hf-aqlm",
-     "also export the quantized model in this format"},
-};
+    };
 
 const job_key *job_schema(int *n)
 {

@@ -10,10 +10,7 @@
 #include "pipe.h"
 #include "stage.h"
 
-/* Tokenizer next to the model when --tokenizer is not given: DIR/tokenizer.bin,
- * then DIR/tok<vocab>.bin, where DIR is the model directory (HF) or the
- * directory of the .bin. */
-static lv_status find_tokenizer(const char *model_path, int vocab, char *buf, size_t cap)
+lv_status pipe_find_tokenizer(const char *model_path, int vocab, char *buf, size_t cap)
 {
     lv_status st = LV_OK;
     char dir[4096];
@@ -44,7 +41,7 @@ static lv_status open_tokenizer(const char *model_path, const char *tok_path, in
     lv_status st = LV_OK;
     char found[4200];
     if (!tok_path) {
-        LV_TRY(find_tokenizer(model_path, vocab, found, sizeof found));
+        LV_TRY(pipe_find_tokenizer(model_path, vocab, found, sizeof found));
         tok_path = found;
     }
     LV_TRY(io_tokenizer_open(tok, tok_path, vocab));

@@ -38,10 +38,19 @@ void pipe_opts_help(FILE *f, const char *cmd, const char *synopsis, const pipe_o
  * LLMVQ_DEBUG is set) and return PIPE_EXIT_ERROR. */
 int pipe_report_error(const char *cmd);
 
+/* Tokenizer beside a model: DIR/tokenizer.bin, then DIR/tok<vocab>.bin, where
+ * DIR is the model directory (HF) or the directory of the .bin. */
+lv_status pipe_find_tokenizer(const char *model_path, int vocab, char *buf, size_t cap);
+
+/* SIGTERM / SIGUSR1 set a flag that long runs poll at safe points. */
+void pipe_signals_install(void);
+int pipe_stop_requested(void);
+
 /* ---- subcommands ---- */
 int pipe_cmd_eval(int argc, char **argv);
 int pipe_cmd_generate(int argc, char **argv);
 int pipe_cmd_convert(int argc, char **argv);
 int pipe_cmd_synth(int argc, char **argv);
+int pipe_cmd_quantize(int argc, char **argv);
 
 #endif

@@ -30,7 +30,8 @@ static const char *good =
     "[model]\npath = model.bin\n"
     "[calibration]\ndata = /data/calib.txt\nnsamples = 64\n"
     "[quant]\nnum_codebooks = 2\nnbits = 8\ngroup_size = 8\ncodebook_update = lstsq\n"
-    "[finetune]\nenable = false\nlr = 3e-4\n";
+    "adam_lr = 3e-4\n"
+    "[output]\neval_ctx = 256\n";
 
 static void test_good(void **state)
 {
@@ -55,12 +56,13 @@ static void test_good(void **state)
     assert_int_equal(v, 8);
     assert_int_equal(job_get_str(j, "quant.codebook_update", &s), LV_OK);
     assert_string_equal(s, "lstsq");
-    assert_int_equal(job_get_float(j, "finetune.lr", &x), LV_OK);
+    assert_int_equal(job_get_float(j, "quant.adam_lr", &x), LV_OK);
     assert_true(x == 3e-4);
-    assert_int_equal(job_get_bool(j, "finetune.enable", &b), LV_OK);
-    assert_int_equal(b, 0);
+    assert_int_equal(job_get_int(j, "output.eval_ctx", &v), LV_OK);
+    assert_int_equal(v, 256);
     /* wrong type / unknown key in code are errors, not crashes */
-    assert_int_equal(job_get_int(j, "finetune.lr", &v), LV_ERR_INVALID_ARG);
+    assert_int_equal(job_get_int(j, "quant.adam_lr", &v), LV_ERR_INVALID_ARG);
+    assert_int_equal(job_get_bool(j, "quant.nbits", &b), LV_ERR_INVALID_ARG);
     assert_int_equal(job_get_int(j, "quant.nope", &v), LV_ERR_INVALID_ARG);
 
     uint64_t h0 = job_hash(j);
@@ -104,8 +106,7 @@ static void test_bad(void **state)
                "calibration.nsamples");
     expect_bad("range.ini", "[model]\npath=a\n[quant]\nnbits = 17\n", "quant.nbits");
     expect_bad("enum.ini", "[model]\npath=a\n[quant]\ncodebook_update = sgd\n", "adam|lstsq");
-    expect_bad("bool.ini", "[model]\npath=a\n[finetune]\nenable = maybe\n", "finetune.enable");
-    expect_bad("nan.ini", "[model]\npath=a\n[finetune]\nlr = nan\n", "finetune.lr");
+    expect_bad("nan.ini", "[model]\npath=a\n[quant]\nrel_tol = nan\n", "quant.rel_tol");
     expect_bad("dup.ini", "[model]\npath=a\npath=b\n", "line 3");
     expect_bad("syntax.ini", "[model\npath=a\n", "line 1");
     expect_bad("missing.ini", "[model]\npath = a\n", "calibration.data");
