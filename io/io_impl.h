@@ -82,6 +82,7 @@ const float *io_model_tensor(const lv_model *m, io_tensor_kind kind, int layer);
 /* Fails with "PATH: tensor NAME has NaN at index I" (or Inf) on the first
  * non-finite weight, walking tensors in io_tensor_list order. */
 lv_status io_model_check_finite(const lv_model *m, const char *path, io_name_style style);
+lv_status io_tensor_check_finite(const float *x, int64_t n, const char *path, const char *name);
 
 /* Row `r` of the destination layout maps to this source row when converting
  * q/k between RoPE pairings for one projection with `n_heads` heads of `hd` rows.

@@ -333,6 +333,7 @@ const float **io_model_slot(lv_model *m, io_tensor_kind kind, int layer)
     case IO_T_W3: return &L->w3;
     }
     LV_ASSERT(0 && "unknown tensor kind");
+    return NULL;
 }
 
 const float *io_model_tensor(const lv_model *m, io_tensor_kind kind, int layer)
@@ -353,6 +354,7 @@ const float *io_model_tensor(const lv_model *m, io_tensor_kind kind, int layer)
     case IO_T_W3: return L->w3;
     }
     LV_ASSERT(0 && "unknown tensor kind");
+    return NULL;
 }
 
 /* Index of the first non-finite value, or -1. Parallel over chunks; the
@@ -366,6 +368,17 @@ static int64_t first_nonfinite(const float *x, int64_t n)
     return bad == INT64_MAX ? -1 : bad;
 }
 
+lv_status io_tensor_check_finite(const float *x, int64_t n, const char *path, const char *name)
+{
+    lv_status st = LV_OK;
+    int64_t bad = first_nonfinite(x, n);
+    if (bad >= 0)
+        LV_FAIL(LV_ERR_NUMERIC, "%s: tensor %s has %s at index %lld", path, name,
+                isnan(x[bad]) ? "NaN" : "Inf", (long long)bad);
+done:
+    return st;
+}
+
 lv_status io_model_check_finite(const lv_model *m, const char *path, io_name_style style)
 {
     lv_status st = LV_OK;
@@ -373,13 +386,9 @@ lv_status io_model_check_finite(const lv_model *m, const char *path, io_name_sty
     int n = io_tensor_count(&m->cfg);
     LV_ALLOC(refs, n);
     io_tensor_list(&m->cfg, refs, style);
-    for (int i = 0; i < n; i++) {
-        const float *x = io_model_tensor(m, refs[i].kind, refs[i].layer);
-        int64_t bad = first_nonfinite(x, io_tensor_numel(&refs[i]));
-        if (bad >= 0)
-            LV_FAIL(LV_ERR_NUMERIC, "%s: tensor %s has %s at index %lld", path, refs[i].name,
-                    isnan(x[bad]) ? "NaN" : "Inf", (long long)bad);
-    }
+    for (int i = 0; i < n; i++)
+        LV_TRY(io_tensor_check_finite(io_model_tensor(m, refs[i].kind, refs[i].layer),
+                                      io_tensor_numel(&refs[i]), path, refs[i].name));
 done:
     free(refs);
     return st;

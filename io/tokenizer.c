@@ -290,8 +290,9 @@ static lv_status tok_try_pair(const io_tokenizer *t, const tok_syms *s, tok_heap
                               char *buf)
 {
     lv_status st = LV_OK;
+    if (l < 0) goto done;
     int32_t r = s->next[l];
-    if (l < 0 || r < 0) goto done;
+    if (r < 0) goto done;
     int32_t a = s->tok[l], b = s->tok[r];
     size_t la = (size_t)t->len[a], lb = (size_t)t->len[b];
     if (la + lb > (size_t)t->max_len) goto done;

@@ -1,0 +1,1 @@
+llmvq_add_test(NAME test_io SOURCES test_io.c LABELS unit)
