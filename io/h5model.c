@@ -15,7 +15,6 @@
 #include <hdf5.h>
 
 #include "io.h"
-#include "io_h5.h"
 #include "io_impl.h"
 #include "kern.h"
 
@@ -648,5 +647,17 @@ lv_status io_qmodel_to_fp(const lv_qmodel *q, lv_model **out)
     m = NULL;
 done:
     io_model_free(m);
+    return st;
+}
+
+lv_status io_model_open_qh5(lv_model **out, const char *path)
+{
+    lv_status st = LV_OK;
+    lv_qmodel *q = NULL;
+    *out = NULL;
+    LV_TRY(io_qmodel_read(&q, path));
+    LV_TRY(io_qmodel_to_fp(q, out));
+done:
+    lv_qmodel_free(q);
     return st;
 }

@@ -12,6 +12,7 @@
 
 #include "lv.h"
 #include "lv_model.h"
+#include "lv_quant.h"
 
 /* ---------------- models ---------------- */
 
@@ -19,10 +20,12 @@ typedef enum {
     IO_MODEL_AUTO = 0,  /* detect from the path: directory => HF, else .bin */
     IO_MODEL_LLAMA2C,   /* llama2.c legacy v0 .bin */
     IO_MODEL_HF,        /* HF directory: config.json + model.safetensors or sharded index */
+    IO_MODEL_QH5,       /* llmvq quantized model (.h5), opened dequantized */
 } io_model_format;
 
 /* Open a model (memory-mapped; float32 tensors are not copied; f16/bf16 are
- * converted once into an owned arena). Rejects NaN/Inf weights.
+ * converted once into an owned arena). Rejects NaN/Inf weights. AUTO picks HF
+ * for a directory, QH5 for a file with the HDF5 signature, llama2.c otherwise.
  * On success *out is owned by the caller: io_model_free(). */
 lv_status io_model_open(lv_model **out, const char *path, io_model_format fmt);
 void io_model_free(lv_model *m);
@@ -49,6 +52,42 @@ lv_status io_model_synth(lv_model **out, const lv_model_config *cfg, uint64_t se
  * "tiny-bench" ...) or of an HF config.json (no weights needed). */
 lv_status io_config_preset(lv_model_config *cfg, const char *name);
 lv_status io_config_read_hf(lv_model_config *cfg, const char *config_json_path);
+
+/* ---------------- quantized models and block checkpoints (HDF5) ----------------
+ * Layout: docs/formats-h5.md. */
+
+/* Readers reject any other version with a message saying what to do. */
+#define IO_H5_FORMAT_VERSION 1
+
+/* Write a whole quantized model (atomically: temp file, fsync, rename). */
+lv_status io_qmodel_write(const lv_qmodel *q, const char *path);
+/* Read and validate (shapes against the config attributes, codes < 2^nbits,
+ * finite floats). Caller frees with lv_qmodel_free. */
+lv_status io_qmodel_read(lv_qmodel **out, const char *path);
+
+/* An FP model whose linears are the dequantized ones (owned arena), so that
+ * every FP path (eval, generate, convert) runs a quantized model. Caller frees
+ * with io_model_free. */
+lv_status io_qmodel_to_fp(const lv_qmodel *q, lv_model **out);
+/* io_qmodel_read + io_qmodel_to_fp. */
+lv_status io_model_open_qh5(lv_model **out, const char *path);
+
+/* One finished block as its own checkpoint file (atomically), tagged with the
+ * job and model hashes and a checksum of its data. */
+lv_status io_qblock_write(const char *path, const lv_qblock *b, int layer,
+                          const lv_model_config *cfg, uint64_t job_hash, uint64_t model_hash);
+/* Read a block checkpoint; refuses another config, job or model, and a block
+ * whose checksum does not match (LV_ERR_FORMAT, message names the file).
+ * b is zeroed first; on success the caller frees it with lv_qblock_free. */
+lv_status io_qblock_read(const char *path, const lv_model_config *cfg, uint64_t job_hash,
+                         uint64_t model_hash, lv_qblock *b, int *layer);
+uint64_t io_qblock_checksum(const lv_qblock *b);
+
+/* W (d_out, d_in) = dequantized L. */
+lv_status io_qmodel_dequant_linear(const lv_aq_layer *L, float *W);
+
+/* fsync tmp, rename it to path, fsync the directory. */
+lv_status io_commit_file(const char *tmp, const char *path);
 
 /* ---------------- tokenizer (llama2.c tokenizer.bin) ---------------- */
 

@@ -22,11 +22,20 @@ lv_status io_model_open(lv_model **out, const char *path, io_model_format fmt)
         struct stat sb;
         if (stat(path, &sb) != 0) LV_FAIL(LV_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
         fmt = S_ISDIR(sb.st_mode) ? IO_MODEL_HF : IO_MODEL_LLAMA2C;
+        if (fmt == IO_MODEL_LLAMA2C) {
+            static const unsigned char hdf5_sig[8] = {0x89, 'H', 'D', 'F', '\r', '\n', 0x1a, '\n'};
+            unsigned char head[8] = {0};
+            FILE *f = fopen(path, "rb");
+            if (f && fread(head, 1, 8, f) == 8 && !memcmp(head, hdf5_sig, 8)) fmt = IO_MODEL_QH5;
+            if (f) fclose(f);
+        }
     }
     if (fmt == IO_MODEL_HF)
         LV_TRY(io_model_open_hf(out, path));
     else if (fmt == IO_MODEL_LLAMA2C)
         LV_TRY(io_model_open_llama2c(out, path));
+    else if (fmt == IO_MODEL_QH5)
+        LV_TRY(io_model_open_qh5(out, path));
     else
         LV_FAIL(LV_ERR_INVALID_ARG, "%s: unknown model format %d", path, (int)fmt);
 done:

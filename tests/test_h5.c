@@ -15,7 +15,6 @@
 #include <hdf5.h>
 
 #include "io.h"
-#include "io_h5.h"
 #include "kern.h"
 
 static char g_dir[64];
@@ -116,6 +115,11 @@ static void test_model_roundtrip(void **state)
         assert_true(fabsf(fp->layers[1].w2[3 * L->d_in + col] - L->scales[3] * s) <= 1e-6f * (1 + fabsf(s)));
     }
     assert_ptr_equal(fp->wcls, fp->tok_emb);
+    /* io_model_open recognises the file by its HDF5 signature */
+    lv_model *fp2 = NULL;
+    assert_int_equal(io_model_open(&fp2, p, IO_MODEL_AUTO), LV_OK);
+    assert_memory_equal(fp2->layers[1].w2, fp->layers[1].w2, sizeof(float) * (size_t)(L->d_out * L->d_in));
+    io_model_free(fp2);
     io_model_free(fp);
     lv_qmodel_free(q);
     lv_qmodel_free(r);
