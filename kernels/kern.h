@@ -129,4 +129,36 @@ lv_status lv_backend_cuda_init(lv_backend **be, int device);
 int lv_cuda_device_count(void);
 void lv_backend_free(lv_backend *be);
 
+/* ========================================================================
+ * Layer-wise quantization numerics (kernels/cpu/quant_ref.c): the hot loops of
+ * the VQ init and AQLM stages (stages/vq.c, stages/aqlm.c). Host pointers,
+ * synchronous; OpenMP inside where noted, results independent of thread count.
+ * ====================================================================== */
+
+/* H (d, d) double += X^T X for x (n, d) float; each H element summed over the
+ * samples in order (deterministic). OpenMP over H rows. */
+void kern_hessian_accum_ref(double *H, const float *x, int64_t n, int d);
+
+/* Weighted k-means assignment: idx[i] = argmin_j sum_a w[i,a] (x[i,a] - c[j,a])^2,
+ * ties to the lowest j; dist[i] (optional, may be NULL) = that minimum, in double.
+ * x (n, g), w (n, g) or NULL for unit weights, c (k, g). OpenMP over i. */
+void kern_kmeans_assign_ref(int32_t *idx, double *dist, const float *x, const float *w,
+                            int64_t n, int g, const float *c, int k);
+
+/* Beam-search candidate scores for one (input group, codebook) step of one row:
+ * scores[b, k] = base[b] - 2 s <cb[k], u[b]> + s^2 cnorm[k], where u[b] (g) is the
+ * H-weighted residual of beam b with this codebook's code removed and cnorm[k] =
+ * cb[k]^T H_ii cb[k]. scores (nb, K), base (nb), u (nb, g), cb (K, g), cnorm (K).
+ * Single-threaded (the caller parallelises over rows). */
+void kern_beam_score_ref(double *scores, const double *base, const double *u, const float *cb,
+                         const double *cnorm, double s, int nb, int K, int g);
+
+/* Additive-codebook dequantization: out[r, i*g + a] = scales[r] * sum_m
+ * codebooks[m, codes[r, i, m], a] for i*g + a < d_in (the last group is cut when
+ * g does not divide d_in). out (d_out, d_in), codes (d_out, n_groups, M),
+ * codebooks (M, K, g), scales (d_out) or NULL for 1. OpenMP over rows. */
+void kern_aq_dequant_ref(float *out, const uint16_t *codes, const float *codebooks,
+                         const float *scales, int64_t d_out, int64_t d_in, int64_t n_groups,
+                         int M, int K, int g);
+
 #endif

@@ -28,7 +28,8 @@ typedef struct kern_backend_base {
 } kern_backend_base;
 
 /* out (hd) = sum_s softmax_s(q . k_s * scale) v_s over s = 0..n_keys-1.
- * k, v: n_keys rows of hd floats, row stride `stride` floats. att: n_keys scratch. */
+ * k, v: n_keys rows of hd floats, row stride `stride` floats. att: n_keys scratch.
+ * out, q and att must not overlap each other or k/v (restrict in the definition). */
 void kern_attn_row_ref(float *out, const float *q, const float *k, const float *v,
                        int n_keys, int64_t stride, int hd, float scale, float *att);
 

@@ -7,6 +7,7 @@
 
 #include "lv.h"
 #include "lv_model.h"
+#include "lv_quant.h"
 
 /* ---------------- eval: perplexity ----------------
  * Convention (DESIGN.md): the token stream is cut into non-overlapping windows
@@ -50,5 +51,131 @@ typedef void (*stage_gen_emit)(void *user, int32_t prev, int32_t token);
 lv_status stage_generate(const lv_model *m, const int32_t *prompt, int n_prompt,
                          const stage_gen_opts *opts, stage_gen_emit emit, void *user,
                          int32_t **out, int *n_out);
+
+/* ========================================================================
+ * Layer-wise quantization: VPTQ-style init and AQLM (stages/vq.c, stages/aqlm.c).
+ * See docs/quant-numerics.md for objective, update rules and padding rule.
+ *
+ * Inputs of every function: W (d_out, d_in) float32 row-major, the layer weight;
+ * H (d_in, d_in) float32 row-major, symmetric PSD, H = X^T X (any positive
+ * multiple). Objective: tr((W - What) H (W - What)^T). When g does not divide
+ * d_in, the input dimension is zero-padded to n_groups * g with zero Hessian
+ * rows/columns: padded weights cost nothing and are dropped by dequant.
+ * All host memory, synchronous, not collective. Same inputs + same seed give
+ * bit-identical codes for any OMP_NUM_THREADS.
+ * ====================================================================== */
+
+/* The quantized layer is lv_aq_layer (kernels/lv_quant.h):
+ * What[r, i*g + a] = scales[r] * sum_m codebooks[m, codes[r, i, m], a];
+ * allocate with lv_aq_layer_init, free with lv_aq_layer_free. */
+typedef lv_aq_layer stage_aqlm_layer;
+
+/* What (d_out, d_in) = dequantized layer (caller-allocated). */
+lv_status stage_aqlm_dequant(const stage_aqlm_layer *L, float *What);
+
+/* *rel = tr(dW H dW^T) / tr(W H W^T), dW = W - What; all (d_out, d_in), H (d_in, d_in). */
+lv_status stage_aqlm_layer_error(const float *W, const float *What, const float *H,
+                                 int64_t d_out, int64_t d_in, double *rel);
+
+/* Exact storage cost per original weight: (codes d_out*n_groups*M*nbits +
+ * codebooks M*2^nbits*g*16 + scales d_out*16) / (d_out*d_in). */
+double stage_aqlm_bits_per_weight(const stage_aqlm_layer *L);
+
+/* ---------------- VQ init (VPTQ-style Hessian-weighted k-means) ---------------- */
+
+typedef struct {
+    int k;             /* clusters */
+    int max_iters;     /* Lloyd iterations after k-means++ seeding */
+    double tol;        /* stop when the relative objective decrease is below tol (0: never) */
+    uint64_t seed;     /* k-means++ seeding */
+} stage_vq_kmeans_config;
+
+/* Weighted k-means of x (n, g) with per-coordinate weights w (n, g) (NULL = 1):
+ * k-means++ seeding (D^2 sampling under the weighted distance), then Lloyd
+ * steps; empty clusters keep their centroid, so the objective never increases.
+ * centroids (k, g) and idx (n) are caller-allocated outputs. hist (optional,
+ * max_iters + 1 doubles) gets the objective after seeding and after each
+ * iteration; *n_hist (optional) how many were written. */
+lv_status stage_vq_kmeans(const float *x, const float *w, int64_t n, int g,
+                          const stage_vq_kmeans_config *cfg, float *centroids, int32_t *idx,
+                          double *hist, int *n_hist);
+
+typedef struct {
+    int n_codebooks;   /* 1 = plain VQ, >= 2 = residual codebooks (fit in sequence) */
+    int nbits;         /* 2^nbits centroids per codebook */
+    int group_size;    /* vector length g along d_in */
+    int kmeans_iters;  /* 0: 20 */
+    int use_hessian;   /* weight coordinates by diag(H) (importance); 0: unweighted */
+    uint64_t seed;
+} stage_vq_config;
+
+/* VQ init: per-row scales (row RMS), then (residual) weighted k-means of the
+ * scaled g-vectors of W, coordinate weight diag(H)[j] * scale[r]^2. out must be
+ * zeroed; it is initialised here and the caller frees it (also on failure). */
+lv_status stage_vq_run(const float *W, const float *H, int64_t d_out, int64_t d_in,
+                       const stage_vq_config *cfg, stage_aqlm_layer *out);
+
+/* ---------------- AQLM ---------------- */
+
+typedef enum {
+    STAGE_AQLM_ADAM = 0,  /* Adam (beta1 0, beta2 0.95, AMSGrad) on codebooks + scales */
+    STAGE_AQLM_LSTSQ = 1, /* closed-form least squares on codebooks, then closed-form scales */
+} stage_aqlm_update;
+
+/* Zero fields take the default named in brackets. */
+typedef struct {
+    int n_codebooks;          /* M */
+    int nbits;                /* bits per code, 1..16 */
+    int group_size;           /* g */
+    int beam_size;            /* [8] */
+    int max_iters;            /* alternations of (codebook update, beam search) [10] */
+    double rel_tol;           /* stop when (prev - cur) / prev < rel_tol; 0 = run max_iters */
+    stage_aqlm_update codebook_update;
+    float adam_lr;            /* [1e-3], in units of the scaled codebooks (~1) */
+    int adam_steps;           /* Adam steps per alternation [100] */
+    int kmeans_iters;         /* residual k-means init [20] */
+    int no_scale_update;      /* 1: keep the initial per-row scales */
+    uint64_t seed;
+    int verbose;              /* lv_log progress */
+} stage_aqlm_config;
+
+#define STAGE_AQLM_MAX_HIST 64
+
+typedef struct {
+    double rel_err_init;               /* after the VQ init */
+    double rel_err[STAGE_AQLM_MAX_HIST]; /* after each alternation (first min(iters, 64)) */
+    int iters;                         /* alternations run */
+    int64_t n_candidates;              /* beam-search candidate scores computed */
+    double beam_s, update_s, init_s, wall_s; /* time in beam search, codebook updates, init, all */
+} stage_aqlm_stats;
+
+/* Full AQLM on one layer: VQ init from residual k-means, then alternate codebook
+ * update (cfg->codebook_update) + scale refit and beam search until rel_tol or
+ * max_iters. out must be zeroed; the caller frees it (also on failure).
+ * stats may be NULL. */
+lv_status stage_aqlm_run(const float *W, const float *H, int64_t d_out, int64_t d_in,
+                         const stage_aqlm_config *cfg, stage_aqlm_layer *out,
+                         stage_aqlm_stats *stats);
+
+/* Objective tr((W - What) H (W - What)^T) of layer L (absolute, not relative). */
+lv_status stage_aqlm_objective(const float *W, const float *H, const stage_aqlm_layer *L,
+                               double *obj);
+
+/* Beam search over L->codes (updated in place), codebooks and scales fixed.
+ * Never increases the objective (falls back to the starting codes). seed
+ * shuffles the order of groups and codebooks. *n_candidates (optional) += the
+ * number of candidate scores computed. */
+lv_status stage_aqlm_beam_search(const float *W, const float *H, stage_aqlm_layer *L,
+                                 int beam_size, uint64_t seed, int64_t *n_candidates);
+
+/* Codebook update with codes fixed, per cfg->codebook_update (adam_lr, adam_steps;
+ * no_scale_update). Never raises the objective. LSTSQ needs M * 2^nbits * g <= 8192
+ * (LV_ERR_UNSUPPORTED otherwise). */
+lv_status stage_aqlm_update_codebooks(const float *W, const float *H, stage_aqlm_layer *L,
+                                      const stage_aqlm_config *cfg);
+
+/* Closed-form per-row scales with codes and codebooks fixed:
+ * s_r = (w_r H q_r^T) / (q_r H q_r^T), q_r the unscaled reconstruction. */
+lv_status stage_aqlm_update_scales(const float *W, const float *H, stage_aqlm_layer *L);
 
 #endif

@@ -69,29 +69,54 @@ void kern_rope_ref(float *x, int B, int T, int n_heads, int head_dim, int pos0, 
     }
 }
 
-void kern_attn_row_ref(float *out, const float *q, const float *k, const float *v,
-                       int n_keys, int64_t stride, int hd, float scale, float *att)
+/* Four keys per step in both loops: the q loads and the out[] loads/stores are
+ * shared by four keys (the loops are memory-op bound); omp simd fixes a
+ * vectorizable summation order without -ffast-math. */
+void kern_attn_row_ref(float *restrict out, const float *restrict q, const float *k,
+                       const float *v, int n_keys, int64_t stride, int hd, float scale,
+                       float *restrict att)
 {
     float mx = -INFINITY;
-    for (int s = 0; s < n_keys; s++) {
-        const float *ks = k + s * stride;
-        float dot = 0.0f;
-        /* simd reduction: a fixed, vectorizable summation order (no -ffast-math) */
-#pragma omp simd reduction(+ : dot)
-        for (int d = 0; d < hd; d++) dot += q[d] * ks[d];
-        att[s] = dot * scale;
-        mx = att[s] > mx ? att[s] : mx;
+    int s = 0;
+    for (; s + 4 <= n_keys; s += 4) {
+        const float *k0 = k + s * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int d = 0; d < hd; d++) {
+            a0 += q[d] * k0[d];
+            a1 += q[d] * k1[d];
+            a2 += q[d] * k2[d];
+            a3 += q[d] * k3[d];
+        }
+        att[s] = a0 * scale, att[s + 1] = a1 * scale;
+        att[s + 2] = a2 * scale, att[s + 3] = a3 * scale;
     }
+    for (; s < n_keys; s++) {
+        const float *ks = k + s * stride;
+        float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+        for (int d = 0; d < hd; d++) a += q[d] * ks[d];
+        att[s] = a * scale;
+    }
+    for (s = 0; s < n_keys; s++) mx = att[s] > mx ? att[s] : mx;
     float sum = 0.0f;
-    for (int s = 0; s < n_keys; s++) {
+    for (s = 0; s < n_keys; s++) {
         att[s] = expf(att[s] - mx);
         sum += att[s];
     }
-    float inv = 1.0f / sum;
+    const float inv = 1.0f / sum;
     for (int d = 0; d < hd; d++) out[d] = 0.0f;
-    for (int s = 0; s < n_keys; s++) {
+    for (s = 0; s + 4 <= n_keys; s += 4) {
+        const float *v0 = v + s * stride, *v1 = v0 + stride, *v2 = v1 + stride, *v3 = v2 + stride;
+        const float p0 = att[s] * inv, p1 = att[s + 1] * inv;
+        const float p2 = att[s + 2] * inv, p3 = att[s + 3] * inv;
+#pragma omp simd
+        for (int d = 0; d < hd; d++) out[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
+    }
+    for (; s < n_keys; s++) {
         const float *vs = v + s * stride;
-        float p = att[s] * inv;
+        const float p = att[s] * inv;
+#pragma omp simd
         for (int d = 0; d < hd; d++) out[d] += p * vs[d];
     }
 }

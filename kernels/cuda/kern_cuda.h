@@ -33,8 +33,42 @@ static inline unsigned kern_cuda_blocks(int64_t n, int threads)
     return (unsigned)(b < 1 ? 1 : (b > 65535 * 8 ? 65535 * 8 : b));
 }
 
-/* d_out (n, d_out) = d_x (n, d_in) @ d_w^T, d_w (d_out, d_in): cuBLAS sgemm (FP32, no TF32). */
-lv_status kern_matmul_cuda(cublasHandle_t h, float *d_out, const float *d_x, const float *d_w,
+/* ---- block reductions (blockDim.x a multiple of 32, <= 1024; shm: 32 floats).
+ * Every thread of the block gets the result. */
+__device__ inline float kern_warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ inline float kern_warp_max(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ inline float kern_block_sum(float v, float *shm)
+{
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = kern_warp_sum(v);
+    __syncthreads(); /* shm may still be read by a previous reduction */
+    if (lane == 0) shm[warp] = v;
+    __syncthreads();
+    return kern_warp_sum(lane < n_warps ? shm[lane] : 0.0f);
+}
+
+__device__ inline float kern_block_max(float v, float *shm)
+{
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = kern_warp_max(v);
+    __syncthreads();
+    if (lane == 0) shm[warp] = v;
+    __syncthreads();
+    return kern_warp_max(lane < n_warps ? shm[lane] : -INFINITY);
+}
+
+/* d_y (n, d_out) = d_x (n, d_in) @ d_w^T, d_w (d_out, d_in): cuBLAS sgemm (FP32, no TF32). */
+lv_status kern_matmul_cuda(cublasHandle_t h, float *d_y, const float *d_x, const float *d_w,
                            int64_t n, int d_in, int d_out);
 lv_status kern_rmsnorm_cuda(float *d_out, const float *d_x, const float *d_w, int64_t n, int dim,
                             float eps, cudaStream_t stream);

@@ -1,0 +1,277 @@
+/* vq.c: VPTQ-style initialisation of a layer: Hessian-weighted k-means of the
+ * weight sub-vectors (k-means++ seeding, Lloyd), importance from diag(H),
+ * optional residual codebooks; plus the padded problem shared with aqlm.c.
+ *
+ * Sub-vectors are g consecutive inputs of one output row (the AQLM layout),
+ * not VPTQ's column vectors, so the result seeds AQLM directly. */
+#include <float.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kern.h"
+#include "stage_impl.h"
+
+/* ---------------------------------------------------------------- problem */
+
+lv_status stage_qprob_init(stage_qprob *p, const float *W, const float *H, int64_t d_out,
+                           int64_t d_in, int g)
+{
+    lv_status st = LV_OK;
+    memset(p, 0, sizeof *p);
+    if (!W || !H) LV_FAIL(LV_ERR_INVALID_ARG, "quant: W and H are required");
+    if (d_out <= 0 || d_in <= 0 || g <= 0 || g > 4096)
+        LV_FAIL(LV_ERR_INVALID_ARG, "quant: bad shape d_out=%lld d_in=%lld g=%d",
+                (long long)d_out, (long long)d_in, g);
+    int64_t n_groups = (d_in + g - 1) / g;
+    int64_t d_pad = n_groups * g;
+    /* GEMMs take int sizes */
+    if (d_pad > INT32_MAX / 2 || d_out > INT32_MAX / 2)
+        LV_FAIL(LV_ERR_INVALID_ARG, "quant: layer too large (%lld x %lld)", (long long)d_out,
+                (long long)d_in);
+    p->d_out = d_out;
+    p->d_in = d_in;
+    p->d_pad = d_pad;
+    p->n_groups = n_groups;
+    p->g = g;
+    if (d_pad == d_in) {
+        p->W = W;
+        p->H = H;
+        return LV_OK;
+    }
+    LV_ALLOC(p->W_own, d_out * d_pad);
+    LV_ALLOC(p->H_own, d_pad * d_pad);
+    for (int64_t r = 0; r < d_out; r++)
+        memcpy(p->W_own + r * d_pad, W + r * d_in, (size_t)d_in * sizeof(float));
+    for (int64_t r = 0; r < d_in; r++)
+        memcpy(p->H_own + r * d_pad, H + r * d_in, (size_t)d_in * sizeof(float));
+    p->W = p->W_own;
+    p->H = p->H_own;
+done:
+    if (st != LV_OK) stage_qprob_free(p);
+    return st;
+}
+
+void stage_qprob_free(stage_qprob *p)
+{
+    if (!p) return;
+    free(p->W_own);
+    free(p->H_own);
+    memset(p, 0, sizeof *p);
+}
+
+lv_status stage_qprob_check_layer(const stage_qprob *p, const stage_aqlm_layer *L)
+{
+    lv_status st = LV_OK;
+    if (!L || !L->codes || !L->codebooks || !L->scales)
+        LV_FAIL(LV_ERR_INVALID_ARG, "quant: layer is not initialised");
+    if (L->d_out != p->d_out || L->d_in != p->d_in || L->g != p->g ||
+        L->n_groups != p->n_groups)
+        LV_FAIL(LV_ERR_INVALID_ARG,
+                "quant: layer is %lldx%lld g=%d but the problem is %lldx%lld g=%d",
+                (long long)L->d_out, (long long)L->d_in, L->g, (long long)p->d_out,
+                (long long)p->d_in, p->g);
+done:
+    return st;
+}
+
+/* ---------------------------------------------------------------- k-means */
+
+static double wdist(const float *x, const float *w, const float *c, int g)
+{
+    double d = 0.0;
+    for (int a = 0; a < g; a++) {
+        double diff = (double)x[a] - (double)c[a];
+        d += (w ? (double)w[a] : 1.0) * diff * diff;
+    }
+    return d;
+}
+
+static double rng_unit_double(lv_rng *rng)
+{
+    return (double)(lv_rng_u64(rng) >> 11) / 9007199254740992.0; /* [0, 1), 53 bits */
+}
+
+/* k-means++: first centroid uniform, then D^2 sampling under the weighted
+ * distance. mind (n) is scratch. When n <= k every point becomes a centroid
+ * (the rest repeat points cyclically), which is already optimal. */
+static void kmeanspp_seed(const float *x, const float *w, int64_t n, int g, int k,
+                          float *c, double *mind, lv_rng *rng)
+{
+    if (n <= k) {
+        for (int j = 0; j < k; j++)
+            memcpy(c + (int64_t)j * g, x + (j % n) * g, (size_t)g * sizeof(float));
+        return;
+    }
+    int64_t first = (int64_t)(rng_unit_double(rng) * (double)n);
+    memcpy(c, x + first * g, (size_t)g * sizeof(float));
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) mind[i] = wdist(x + i * g, w ? w + i * g : NULL, c, g);
+    for (int j = 1; j < k; j++) {
+        double total = 0.0;
+        for (int64_t i = 0; i < n; i++) total += mind[i]; /* serial: fixed order */
+        int64_t pick;
+        if (total > 0.0) {
+            double target = rng_unit_double(rng) * total, acc = 0.0;
+            pick = n - 1;
+            for (int64_t i = 0; i < n; i++) {
+                acc += mind[i];
+                if (acc > target && mind[i] > 0.0) {
+                    pick = i;
+                    break;
+                }
+            }
+        } else {
+            pick = (int64_t)(rng_unit_double(rng) * (double)n);
+        }
+        float *cj = c + (int64_t)j * g;
+        memcpy(cj, x + pick * g, (size_t)g * sizeof(float));
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            double d = wdist(x + i * g, w ? w + i * g : NULL, cj, g);
+            if (d < mind[i]) mind[i] = d;
+        }
+    }
+}
+
+/* Weighted mean per coordinate of each cluster; a coordinate with no weight
+ * (empty cluster, zero Hessian diagonal) keeps its value, so the objective
+ * cannot rise. num, den: (k, g) double scratch. Serial: fixed summation order. */
+static void kmeans_update(const float *x, const float *w, int64_t n, int g, int k,
+                          const int32_t *idx, float *c, double *num, double *den)
+{
+    memset(num, 0, (size_t)k * g * sizeof(double));
+    memset(den, 0, (size_t)k * g * sizeof(double));
+    for (int64_t i = 0; i < n; i++) {
+        double *nj = num + (int64_t)idx[i] * g, *dj = den + (int64_t)idx[i] * g;
+        for (int a = 0; a < g; a++) {
+            double wa = w ? (double)w[i * g + a] : 1.0;
+            nj[a] += wa * (double)x[i * g + a];
+            dj[a] += wa;
+        }
+    }
+    for (int64_t t = 0; t < (int64_t)k * g; t++)
+        if (den[t] > 0.0) c[t] = (float)(num[t] / den[t]);
+}
+
+static double sum_serial(const double *v, int64_t n)
+{
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++) s += v[i];
+    return s;
+}
+
+lv_status stage_vq_kmeans(const float *x, const float *w, int64_t n, int g,
+                          const stage_vq_kmeans_config *cfg, float *centroids, int32_t *idx,
+                          double *hist, int *n_hist)
+{
+    lv_status st = LV_OK;
+    double *dist = NULL, *num = NULL, *den = NULL;
+    if (!x || !cfg || !centroids || !idx || n <= 0 || g <= 0)
+        LV_FAIL(LV_ERR_INVALID_ARG, "kmeans: bad arguments (n=%lld g=%d)", (long long)n, g);
+    if (cfg->k <= 0 || cfg->max_iters < 0)
+        LV_FAIL(LV_ERR_INVALID_ARG, "kmeans: k=%d max_iters=%d", cfg->k, cfg->max_iters);
+    const int k = cfg->k;
+    LV_ALLOC(dist, n);
+    LV_ALLOC(num, (int64_t)k * g);
+    LV_ALLOC(den, (int64_t)k * g);
+    lv_rng rng;
+    lv_rng_seed(&rng, cfg->seed);
+    kmeanspp_seed(x, w, n, g, k, centroids, dist, &rng);
+    kern_kmeans_assign_ref(idx, dist, x, w, n, g, centroids, k);
+    double obj = sum_serial(dist, n);
+    int nh = 0;
+    if (hist) hist[nh] = obj;
+    nh++;
+    for (int it = 0; it < cfg->max_iters; it++) {
+        kmeans_update(x, w, n, g, k, idx, centroids, num, den);
+        kern_kmeans_assign_ref(idx, dist, x, w, n, g, centroids, k);
+        double prev = obj;
+        obj = sum_serial(dist, n);
+        if (hist) hist[nh] = obj;
+        nh++;
+        if (!isfinite(obj)) LV_FAIL(LV_ERR_NUMERIC, "kmeans: objective is %g", obj);
+        if (cfg->tol > 0.0 && (prev - obj) <= cfg->tol * prev) break;
+    }
+    if (n_hist) *n_hist = nh;
+done:
+    free(den);
+    free(num);
+    free(dist);
+    return st;
+}
+
+/* ---------------------------------------------------------------- VQ init */
+
+/* Per-row scale = RMS of the padded row (so that a problem padded by the caller
+ * gives the same result as one padded here); 1 for an all-zero row. */
+static void init_scales(const stage_qprob *p, float *scales)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < p->d_out; r++) {
+        const float *wr = p->W + r * p->d_pad; // (d_pad)
+        double ss = 0.0;
+        for (int64_t j = 0; j < p->d_pad; j++) ss += (double)wr[j] * wr[j];
+        double rms = sqrt(ss / (double)p->d_pad);
+        scales[r] = rms > 0.0 ? (float)rms : 1.0f;
+    }
+}
+
+lv_status stage_vq_init_prob(const stage_qprob *p, const stage_vq_config *cfg,
+                             stage_aqlm_layer *L)
+{
+    lv_status st = LV_OK;
+    float *x = NULL, *wt = NULL;
+    int32_t *idx = NULL;
+    LV_TRY(stage_qprob_check_layer(p, L));
+    const int64_t n = p->d_out * p->n_groups;
+    const int g = p->g, M = L->M, K = 1 << L->nbits;
+    LV_ALLOC(x, n * g);   // (n, g) residual of the scaled weight vectors
+    LV_ALLOC(wt, n * g);  // (n, g) coordinate weights
+    LV_ALLOC(idx, n);
+    init_scales(p, L->scales);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < p->d_out; r++) {
+        const float s = L->scales[r];
+        for (int64_t j = 0; j < p->d_pad; j++) {
+            x[r * p->d_pad + j] = p->W[r * p->d_pad + j] / s;
+            double h = cfg->use_hessian ? (double)p->H[j * p->d_pad + j] : 1.0;
+            if (j >= p->d_in || !(h > 0.0)) h = 0.0; /* padding and dead inputs weigh 0 */
+            wt[r * p->d_pad + j] = (float)(h * (double)s * (double)s);
+        }
+    }
+    stage_vq_kmeans_config kc = {
+        .k = K, .max_iters = cfg->kmeans_iters > 0 ? cfg->kmeans_iters : 20, .tol = 1e-6};
+    for (int m = 0; m < M; m++) {
+        float *cb = L->codebooks + (int64_t)m * K * g; // (K, g)
+        kc.seed = cfg->seed * 0x9E3779B97F4A7C15ull + (uint64_t)m + 1;
+        LV_TRY(stage_vq_kmeans(x, wt, n, g, &kc, cb, idx, NULL, NULL));
+#pragma omp parallel for schedule(static)
+        for (int64_t v = 0; v < n; v++) {
+            L->codes[v * M + m] = (uint16_t)idx[v];
+            const float *c = cb + (int64_t)idx[v] * g;
+            for (int a = 0; a < g; a++) x[v * g + a] -= c[a];
+        }
+    }
+done:
+    free(idx);
+    free(wt);
+    free(x);
+    return st;
+}
+
+lv_status stage_vq_run(const float *W, const float *H, int64_t d_out, int64_t d_in,
+                       const stage_vq_config *cfg, stage_aqlm_layer *out)
+{
+    lv_status st = LV_OK;
+    stage_qprob p = {0};
+    if (!cfg || !out) LV_FAIL(LV_ERR_INVALID_ARG, "vq: cfg and out are required");
+    LV_TRY(stage_qprob_init(&p, W, H, d_out, d_in, cfg->group_size));
+    LV_TRY(lv_aq_layer_init(out, d_out, d_in, cfg->n_codebooks, cfg->nbits,
+                                 cfg->group_size));
+    LV_TRY(stage_vq_init_prob(&p, cfg, out));
+done:
+    stage_qprob_free(&p);
+    return st;
+}

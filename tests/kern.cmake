@@ -1,0 +1,5 @@
+# Kernels: CPU reference ops, the batched forward and KV-cache decoding, and the
+# CUDA backend against the CPU one (label gpu; exits 77 = skipped without a device).
+llmvq_add_test(NAME test_kern_ops SOURCES test_kern_ops.c LABELS unit)
+llmvq_add_test(NAME test_kern_forward SOURCES test_kern_forward.c LABELS unit)
+llmvq_add_test(NAME test_kern_cuda SOURCES test_kern_cuda.c LABELS gpu)
