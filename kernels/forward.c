@@ -159,6 +159,17 @@ done:
 lv_status kern_block_forward(const lv_model *m, int layer, float *x, int B, int T,
                              kern_fwd_ws *ws)
 {
+    return kern_block_forward_tap(m, layer, x, B, T, ws, NULL, NULL);
+}
+
+#define TAP(which, buf, d)                                                     \
+    do {                                                                       \
+        if (tap) LV_TRY(tap(user, (which), (buf), n, (d)));                    \
+    } while (0)
+
+lv_status kern_block_forward_tap(const lv_model *m, int layer, float *x, int B, int T,
+                                 kern_fwd_ws *ws, kern_tap_fn tap, void *user)
+{
     lv_status st = LV_OK;
     LV_TRY(check_batch(m, B, T, ws));
     if (!x || layer < 0 || layer >= m->cfg.n_layers)
@@ -171,6 +182,7 @@ lv_status kern_block_forward(const lv_model *m, int layer, float *x, int B, int 
 
     // attention: x += wo . attn(rope(wq xb), rope(wk xb), wv xb), xb = rmsnorm(x)
     kern_rmsnorm_ref(ws->xb, x, L->attn_norm, n, c->dim, c->norm_eps);
+    TAP(KERN_TAP_ATTN_IN, ws->xb, c->dim);
     kern_matmul_ref(ws->q, ws->xb, L->wq, n, c->dim, c->dim);
     kern_matmul_ref(ws->k, ws->xb, L->wk, n, c->dim, kv);
     kern_matmul_ref(ws->v, ws->xb, L->wv, n, c->dim, kv);
@@ -178,19 +190,23 @@ lv_status kern_block_forward(const lv_model *m, int layer, float *x, int B, int 
     kern_rope_ref(ws->k, B, T, c->n_kv_heads, hd, 0, c->rope_theta, c->rope);
     kern_attention_ref(ws->ao, ws->q, ws->k, ws->v, B, T, c->n_heads, c->n_kv_heads, hd,
                        ws->att);
+    TAP(KERN_TAP_WO_IN, ws->ao, c->dim);
     kern_matmul_ref(ws->xb, ws->ao, L->wo, n, c->dim, c->dim);
     add_inplace(x, ws->xb, n * c->dim);
 
     // FFN: x += w2 (silu(w1 xb) * w3 xb), xb = rmsnorm(x)
     kern_rmsnorm_ref(ws->xb, x, L->ffn_norm, n, c->dim, c->norm_eps);
+    TAP(KERN_TAP_FFN_IN, ws->xb, c->dim);
     kern_matmul_ref(ws->hb, ws->xb, L->w1, n, c->dim, c->hidden_dim);
     kern_matmul_ref(ws->hb2, ws->xb, L->w3, n, c->dim, c->hidden_dim);
     kern_swiglu_ref(ws->hb, ws->hb, ws->hb2, n * c->hidden_dim);
+    TAP(KERN_TAP_W2_IN, ws->hb, c->hidden_dim);
     kern_matmul_ref(ws->xb, ws->hb, L->w2, n, c->hidden_dim, c->dim);
     add_inplace(x, ws->xb, n * c->dim);
 done:
     return st;
 }
+#undef TAP
 
 static lv_status check_tokens(const int32_t *tokens, int64_t n, int vocab)
 {

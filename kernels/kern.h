@@ -68,6 +68,22 @@ void kern_fwd_ws_free(kern_fwd_ws *ws);
 lv_status kern_block_forward(const lv_model *m, int layer, float *x, int B, int T,
                              kern_fwd_ws *ws);
 
+/* The inputs of the block's linear layers, handed to a tap as they are computed
+ * (calibration accumulates Hessians from them). */
+typedef enum {
+    KERN_TAP_ATTN_IN = 0, /* rmsnorm(x): input of wq, wk, wv   (B*T, dim) */
+    KERN_TAP_WO_IN,       /* attention output: input of wo     (B*T, dim) */
+    KERN_TAP_FFN_IN,      /* rmsnorm(x): input of w1, w3       (B*T, dim) */
+    KERN_TAP_W2_IN,       /* silu(w1 x) * w3 x: input of w2    (B*T, hidden) */
+} kern_tap;
+/* x (n, d) is borrowed for the duration of the call. A non-OK return stops the
+ * forward and is passed up. */
+typedef lv_status (*kern_tap_fn)(void *user, kern_tap which, const float *x, int64_t n, int d);
+
+/* kern_block_forward that also calls tap (when not NULL) with each linear input. */
+lv_status kern_block_forward_tap(const lv_model *m, int layer, float *x, int B, int T,
+                                 kern_fwd_ws *ws, kern_tap_fn tap, void *user);
+
 /* Full forward: tokens (B, T) -> logits (B, T, vocab), returned as a borrowed
  * pointer into ws (valid until the next call). */
 lv_status kern_model_forward(const lv_model *m, const int32_t *tokens, int B, int T,

@@ -8,6 +8,7 @@
 #include "lv.h"
 #include "lv_model.h"
 #include "lv_quant.h"
+#include "kern.h"
 
 /* ---------------- eval: perplexity ----------------
  * Convention (DESIGN.md): the token stream is cut into non-overlapping windows
@@ -177,5 +178,38 @@ lv_status stage_aqlm_update_codebooks(const float *W, const float *H, stage_aqlm
 /* Closed-form per-row scales with codes and codebooks fixed:
  * s_r = (w_r H q_r^T) / (q_r H q_r^T), q_r the unscaled reconstruction. */
 lv_status stage_aqlm_update_scales(const float *W, const float *H, stage_aqlm_layer *L);
+
+/* ========================================================================
+ * Calibration (stages/calib.c): calibration sequences and per-block Hessians.
+ * ====================================================================== */
+
+/* n_seq sequences of T tokens, random crops of tokens[0..n_tokens) chosen by
+ * the seeded RNG. *out (n_seq, T) malloc'd. */
+lv_status stage_calib_sequences(const int32_t *tokens, int64_t n_tokens, int64_t n_seq, int T,
+                                uint64_t seed, int32_t **out);
+
+/* Input Hessians of one block, H = sum over calibration rows of x^T x, double. */
+typedef struct {
+    int dim, hidden;
+    double *attn;   /* (dim, dim): input of wq, wk, wv */
+    double *wo;     /* (dim, dim): input of wo */
+    double *ffn;    /* (dim, dim): input of w1 (gate), w3 (up) */
+    double *down;   /* (hidden, hidden): input of w2 */
+    int64_t n_rows; /* rows accumulated */
+} stage_block_hessians;
+
+lv_status stage_block_hessians_init(stage_block_hessians *h, const lv_model_config *cfg);
+void stage_block_hessians_free(stage_block_hessians *h);
+void stage_block_hessians_zero(stage_block_hessians *h);
+/* The Hessian that linear `which` sees (borrowed). */
+const double *stage_block_hessian_for(const stage_block_hessians *h, lv_lin which);
+
+/* x (n_seq, T, dim) <- block `layer` of m applied to x, in micro-batches of
+ * sequences (ws sized for (micro_batch, T)); accumulates into h when not NULL. */
+lv_status stage_calib_block(const lv_model *m, int layer, float *x, int64_t n_seq, int T,
+                            kern_fwd_ws *ws, int micro_batch, stage_block_hessians *h);
+
+/* out (d, d) float = H / n_rows. */
+lv_status stage_hessian_to_f32(const double *H, int64_t d, int64_t n_rows, float *out);
 
 #endif

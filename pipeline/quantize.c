@@ -1,0 +1,539 @@
+/* quantize.c: `llmvq quantize JOBFILE [--set section.key=value ...]`.
+ *
+ * Block by block: calibration inputs -> FP block with Hessian taps -> AQLM on
+ * each linear -> quantized block -> next block's inputs (FP or quantized
+ * outputs, per quant.propagation). Each finished block is checkpointed as its
+ * own HDF5 file; a rerun of the same job resumes from the verified ones.
+ * Under MPI with propagation = fp, ranks take contiguous shards of blocks and
+ * rank 0 assembles the model from the checkpoints (docs/pipeline.md). */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "io.h"
+#include "job.h"
+#include "kern.h"
+#include "pipe.h"
+#include "stage.h"
+
+typedef struct {
+    /* job */
+    const char *model_path, *tok_path, *calib_path, *out_dir, *eval_path, *prop;
+    char ckpt_dir[4096];
+    int64_t nsamples, seqlen, seed, eval_ctx;
+    stage_aqlm_config acfg;
+    uint64_t job_hash, model_hash;
+    /* data */
+    lv_model *fp;
+    io_tokenizer *tok;
+    int32_t *seqs; /* (n_seq, T) */
+    int64_t n_seq;
+    int T;
+    /* results */
+    double ppl_fp, ppl_quant, wall_s;
+    int n_resumed;
+} qjob;
+
+static lv_status mkdir_p(const char *path)
+{
+    lv_status st = LV_OK;
+    char buf[4096];
+    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
+        LV_FAIL(LV_ERR_INVALID_ARG, "%s: path too long", path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+            LV_FAIL(LV_ERR_IO, "%s: cannot create directory: %s", buf, strerror(errno));
+        *p = '/';
+    }
+    if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+        LV_FAIL(LV_ERR_IO, "%s: cannot create directory: %s", buf, strerror(errno));
+done:
+    return st;
+}
+
+static lv_status read_job(qjob *q, const job_file *j)
+{
+    lv_status st = LV_OK;
+    const char *upd = NULL, *ck = NULL;
+    int64_t v = 0;
+    double x = 0;
+    LV_TRY(job_get_str(j, "model.path", &q->model_path));
+    LV_TRY(job_get_str(j, "model.tokenizer", &q->tok_path));
+    LV_TRY(job_get_str(j, "calibration.data", &q->calib_path));
+    LV_TRY(job_get_int(j, "calibration.nsamples", &q->nsamples));
+    LV_TRY(job_get_int(j, "calibration.seqlen", &q->seqlen));
+    LV_TRY(job_get_int(j, "run.seed", &q->seed));
+    LV_TRY(job_get_str(j, "run.checkpoint_dir", &ck));
+    LV_TRY(job_get_str(j, "output.dir", &q->out_dir));
+    LV_TRY(job_get_str(j, "output.eval_data", &q->eval_path));
+    LV_TRY(job_get_int(j, "output.eval_ctx", &q->eval_ctx));
+    LV_TRY(job_get_str(j, "quant.propagation", &q->prop));
+    stage_aqlm_config *a = &q->acfg;
+    memset(a, 0, sizeof *a);
+    LV_TRY(job_get_int(j, "quant.num_codebooks", &v)); a->n_codebooks = (int)v;
+    LV_TRY(job_get_int(j, "quant.nbits", &v)); a->nbits = (int)v;
+    LV_TRY(job_get_int(j, "quant.group_size", &v)); a->group_size = (int)v;
+    LV_TRY(job_get_int(j, "quant.beam_size", &v)); a->beam_size = (int)v;
+    LV_TRY(job_get_int(j, "quant.max_iters", &v)); a->max_iters = (int)v;
+    LV_TRY(job_get_int(j, "quant.adam_steps", &v)); a->adam_steps = (int)v;
+    LV_TRY(job_get_int(j, "quant.kmeans_iters", &v)); a->kmeans_iters = (int)v;
+    LV_TRY(job_get_float(j, "quant.rel_tol", &x)); a->rel_tol = x;
+    LV_TRY(job_get_float(j, "quant.adam_lr", &x)); a->adam_lr = (float)x;
+    LV_TRY(job_get_str(j, "quant.codebook_update", &upd));
+    a->codebook_update = strcmp(upd, "lstsq") ? STAGE_AQLM_ADAM : STAGE_AQLM_LSTSQ;
+    a->seed = (uint64_t)q->seed;
+    if (ck[0])
+        snprintf(q->ckpt_dir, sizeof q->ckpt_dir, "%s", ck);
+    else
+        snprintf(q->ckpt_dir, sizeof q->ckpt_dir, "%s/checkpoint", q->out_dir);
+    q->job_hash = job_hash(j);
+done:
+    return st;
+}
+
+/* Identity of the model: its config and a sample of every tensor (FNV-1a of
+ * the first and last 4 KiB of each). Cheap for 70B, and two models that share
+ * a config but not weights differ in it. */
+static uint64_t model_hash(const lv_model *m)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+#define MIX(ptr, n)                                                          \
+    do {                                                                     \
+        const unsigned char *b_ = (const unsigned char *)(ptr);              \
+        for (size_t i_ = 0; i_ < (n); i_++) { h ^= b_[i_]; h *= 0x100000001b3ULL; } \
+    } while (0)
+    MIX(&m->cfg, sizeof m->cfg);
+    const lv_model_config *c = &m->cfg;
+    size_t emb = (size_t)c->vocab_size * c->dim;
+    const float *t[4] = {m->tok_emb, m->final_norm, m->wcls, NULL};
+    size_t n[4] = {emb, (size_t)c->dim, emb, 0};
+    for (int k = 0; k < 3; k++) {
+        size_t s = n[k] < 1024 ? n[k] : 1024;
+        MIX(t[k], s * 4);
+        MIX(t[k] + n[k] - s, s * 4);
+    }
+    for (int l = 0; l < c->n_layers; l++)
+        for (int k = 0; k < LV_LIN_COUNT; k++) {
+            const lv_layer *L = &m->layers[l];
+            const float *w[LV_LIN_COUNT] = {L->wq, L->wk, L->wv, L->wo, L->w1, L->w2, L->w3};
+            int64_t o, i;
+            lv_lin_shape(c, (lv_lin)k, &o, &i);
+            size_t len = (size_t)(o * i), s = len < 1024 ? len : 1024;
+            MIX(w[k], s * 4);
+            MIX(w[k] + len - s, s * 4);
+        }
+#undef MIX
+    return h;
+}
+
+static lv_status eval_model(const lv_model *m, const qjob *q, double *ppl)
+{
+    lv_status st = LV_OK;
+    int32_t *toks = NULL;
+    int64_t n = 0;
+    stage_eval_result r;
+    LV_TRY(io_data_tokens(q->eval_path, q->tok, m->cfg.vocab_size, &toks, &n));
+    stage_eval_opts eo = {.ctx = (int)q->eval_ctx, .max_tokens = 0, .batch = 0, .progress = 0};
+    LV_TRY(stage_eval_ppl(m, toks, n, &eo, &r));
+    *ppl = r.ppl;
+done:
+    free(toks);
+    return st;
+}
+
+/* The FP model with block `layer`'s weights replaced by the dequantized block
+ * b: a shallow copy sharing everything else. w (floats of the 7 linears) and
+ * layers (n_layers) are caller-provided scratch. */
+static lv_status qblock_view(const lv_model *fp, int layer, const lv_qblock *b, float *w,
+                             lv_layer *layers, lv_model *view)
+{
+    lv_status st = LV_OK;
+    *view = *fp;
+    memcpy(layers, fp->layers, sizeof(lv_layer) * (size_t)fp->cfg.n_layers);
+    view->layers = layers;
+    view->storage = NULL;
+    lv_layer *L = &layers[layer];
+    const float **slot[LV_LIN_COUNT] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        LV_TRY(io_qmodel_dequant_linear(&b->lin[k], w));
+        *slot[k] = w;
+        w += b->lin[k].d_out * b->lin[k].d_in;
+    }
+    L->attn_norm = b->attn_norm;
+    L->ffn_norm = b->ffn_norm;
+done:
+    return st;
+}
+
+typedef struct {
+    kern_fwd_ws *ws;
+    stage_block_hessians h;
+    float *x_in, *y_fp, *y_q; /* (n_seq, T, dim) each */
+    float *H32;               /* (max d_in)^2 */
+    float *wq_scratch;        /* floats of one block's linears */
+    lv_layer *layers;         /* (n_layers) */
+} qwork;
+
+static void qwork_free(qwork *w)
+{
+    kern_fwd_ws_free(w->ws);
+    stage_block_hessians_free(&w->h);
+    free(w->x_in);
+    free(w->y_fp);
+    free(w->y_q);
+    free(w->H32);
+    free(w->wq_scratch);
+    free(w->layers);
+    memset(w, 0, sizeof *w);
+}
+
+static lv_status qwork_init(qwork *w, const qjob *q, int micro)
+{
+    lv_status st = LV_OK;
+    const lv_model_config *c = &q->fp->cfg;
+    size_t act = (size_t)q->n_seq * (size_t)q->T * (size_t)c->dim;
+    size_t dmax = (size_t)(c->dim > c->hidden_dim ? c->dim : c->hidden_dim), lin = 0;
+    memset(w, 0, sizeof *w);
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        int64_t o, i;
+        lv_lin_shape(c, (lv_lin)k, &o, &i);
+        lin += (size_t)(o * i);
+    }
+    LV_TRY(kern_fwd_ws_init(&w->ws, c, micro, q->T, 0));
+    LV_TRY(stage_block_hessians_init(&w->h, c));
+    LV_ALLOC(w->x_in, act);
+    LV_ALLOC(w->y_fp, act);
+    LV_ALLOC(w->y_q, act);
+    LV_ALLOC(w->H32, dmax * dmax);
+    LV_ALLOC(w->wq_scratch, lin);
+    LV_ALLOC(w->layers, (size_t)c->n_layers);
+done:
+    if (st != LV_OK) qwork_free(w);
+    return st;
+}
+
+static const float *fp_weight(const lv_layer *L, lv_lin k)
+{
+    const float *w[LV_LIN_COUNT] = {L->wq, L->wk, L->wv, L->wo, L->w1, L->w2, L->w3};
+    return w[k];
+}
+
+/* Quantize the seven linears of block `layer` from the Hessians in w->h. */
+static lv_status quantize_linears(const qjob *q, int layer, qwork *w, lv_qblock *b)
+{
+    lv_status st = LV_OK;
+    const lv_model_config *c = &q->fp->cfg;
+    stage_aqlm_config acfg = q->acfg;
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        int64_t o, i;
+        lv_lin_shape(c, (lv_lin)k, &o, &i);
+        LV_TRY(stage_hessian_to_f32(stage_block_hessian_for(&w->h, (lv_lin)k), i, w->h.n_rows,
+                                    w->H32));
+        /* one seed per (run seed, layer, linear): resume-independent */
+        acfg.seed = (uint64_t)q->seed * 1000003ULL + (uint64_t)layer * 16 + (uint64_t)k;
+        stage_aqlm_stats stats;
+        lv_aq_layer_free(&b->lin[k]);
+        LV_TRY(stage_aqlm_run(fp_weight(&q->fp->layers[layer], (lv_lin)k), w->H32, o, i, &acfg,
+                              &b->lin[k], &stats));
+        b->rel_err[k] = stats.iters > 0 ? stats.rel_err[(stats.iters < STAGE_AQLM_MAX_HIST
+                                                         ? stats.iters : STAGE_AQLM_MAX_HIST) - 1]
+                                        : stats.rel_err_init;
+    }
+done:
+    return st;
+}
+
+static double rel_mse(const float *a, const float *ref, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0 ? num / den : 0;
+}
+
+static void swap_ptr(float **a, float **b)
+{
+    float *t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* One block: resume it from its checkpoint when that verifies, else quantize it
+ * and checkpoint it; then advance the activations w->x_in to its outputs. */
+static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro)
+{
+    lv_status st = LV_OK;
+    const lv_model_config *c = &q->fp->cfg;
+    const size_t n = (size_t)q->n_seq * (size_t)q->T * (size_t)c->dim;
+    const int prop_fp = !strcmp(q->prop, "fp");
+    char path[4200];
+    int resumed = 0;
+    lv_model view;
+    snprintf(path, sizeof path, "%s/block_%03d.h5", q->ckpt_dir, layer);
+    if (access(path, F_OK) == 0) {
+        lv_qblock tmp;
+        int got = -1;
+        if (io_qblock_read(path, c, q->job_hash, q->model_hash, &tmp, &got) == LV_OK && got == layer) {
+            lv_qblock_free(b);
+            *b = tmp;
+            resumed = 1;
+        } else {
+            char why[512];
+            lv_last_error_line(why, sizeof why);
+            lv_log("block %d: checkpoint not used, recomputing: %s", layer, got == layer || got < 0 ? why : "holds another layer");
+            if (got >= 0) lv_qblock_free(&tmp);
+        }
+    }
+    if (!resumed || prop_fp) {
+        memcpy(w->y_fp, w->x_in, n * sizeof(float));
+        if (!resumed) stage_block_hessians_zero(&w->h);
+        LV_TRY(stage_calib_block(q->fp, layer, w->y_fp, q->n_seq, q->T, w->ws, micro,
+                                 resumed ? NULL : &w->h));
+    }
+    if (!resumed) LV_TRY(quantize_linears(q, layer, w, b));
+    if (!resumed || !prop_fp) {
+        LV_TRY(qblock_view(q->fp, layer, b, w->wq_scratch, w->layers, &view));
+        memcpy(w->y_q, w->x_in, n * sizeof(float));
+        LV_TRY(stage_calib_block(&view, layer, w->y_q, q->n_seq, q->T, w->ws, micro, NULL));
+    }
+    if (!resumed) {
+        b->block_mse = rel_mse(w->y_q, w->y_fp, n);
+        LV_TRY(io_qblock_write(path, b, layer, c, q->job_hash, q->model_hash));
+    } else {
+        q->n_resumed++;
+    }
+    swap_ptr(&w->x_in, prop_fp ? &w->y_fp : &w->y_q);
+done:
+    return st;
+}
+
+static lv_status load_tokens(qjob *q, const char *path, int32_t **toks, int64_t *n)
+{
+    lv_status st = LV_OK;
+    char magic[8] = {0};
+    FILE *f = fopen(path, "rb");
+    int is_tok = f && fread(magic, 1, 8, f) == 8 && !memcmp(magic, "LVQTOK01", 8);
+    if (f) fclose(f);
+    if (!is_tok && !q->tok) {
+        char found[4200];
+        const char *tp = q->tok_path;
+        if (!tp[0]) {
+            LV_TRY(pipe_find_tokenizer(q->model_path, q->fp->cfg.vocab_size, found, sizeof found));
+            tp = found;
+        }
+        LV_TRY(io_tokenizer_open(&q->tok, tp, q->fp->cfg.vocab_size));
+    }
+    LV_TRY(io_data_tokens(path, q->tok, q->fp->cfg.vocab_size, toks, n));
+done:
+    return st;
+}
+
+static lv_status write_summary(const qjob *q, const lv_qmodel *qm, const char *path)
+{
+    lv_status st = LV_OK;
+    cJSON *o = cJSON_CreateObject(), *blocks = NULL;
+    char *s = NULL;
+    FILE *f = NULL;
+    char tmp[4200];
+    if (!o) LV_FAIL(LV_ERR_NOMEM, "out of memory");
+    cJSON_AddStringToObject(o, "model", q->model_path);
+    cJSON_AddNumberToObject(o, "bpw_total", lv_qmodel_bits_per_weight(qm));
+    cJSON_AddNumberToObject(o, "num_codebooks", qm->M);
+    cJSON_AddNumberToObject(o, "nbits", qm->nbits);
+    cJSON_AddNumberToObject(o, "group_size", qm->g);
+    if (q->eval_path[0]) {
+        cJSON_AddNumberToObject(o, "ppl_fp", q->ppl_fp);
+        cJSON_AddNumberToObject(o, "ppl_quant", q->ppl_quant);
+    } else {
+        cJSON_AddNullToObject(o, "ppl_fp");
+        cJSON_AddNullToObject(o, "ppl_quant");
+    }
+    cJSON_AddNumberToObject(o, "wall_s", q->wall_s);
+    cJSON_AddNumberToObject(o, "peak_rss_bytes", (double)lv_peak_rss_bytes());
+    cJSON_AddNumberToObject(o, "blocks_resumed", q->n_resumed);
+    char hex[32];
+    snprintf(hex, sizeof hex, "%016" PRIx64, q->job_hash);
+    cJSON_AddStringToObject(o, "job_hash", hex);
+    snprintf(hex, sizeof hex, "%016" PRIx64, q->model_hash);
+    cJSON_AddStringToObject(o, "model_hash", hex);
+    blocks = cJSON_AddArrayToObject(o, "blocks");
+    for (int l = 0; l < qm->cfg.n_layers; l++) {
+        cJSON *b = cJSON_CreateObject();
+        cJSON_AddNumberToObject(b, "block_mse", qm->blocks[l].block_mse);
+        for (int k = 0; k < LV_LIN_COUNT; k++)
+            cJSON_AddNumberToObject(b, lv_lin_name((lv_lin)k), qm->blocks[l].rel_err[k]);
+        cJSON_AddItemToArray(blocks, b);
+    }
+    s = cJSON_Print(o);
+    if (!s) LV_FAIL(LV_ERR_NOMEM, "out of memory");
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) >= (int)sizeof tmp)
+        LV_FAIL(LV_ERR_INVALID_ARG, "%s: path too long", path);
+    f = fopen(tmp, "w");
+    if (!f) LV_FAIL(LV_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
+    if (fprintf(f, "%s\n", s) < 0 || fclose(f) != 0) {
+        f = NULL;
+        LV_FAIL(LV_ERR_IO, "%s: write failed", tmp);
+    }
+    f = NULL;
+    LV_TRY(io_commit_file(tmp, path));
+done:
+    if (f) fclose(f);
+    free(s);
+    cJSON_Delete(o);
+    return st;
+}
+
+static lv_status run_quantize(qjob *q, const job_file *j)
+{
+    lv_status st = LV_OK;
+    int32_t *toks = NULL;
+    int64_t n_tok = 0;
+    qwork w;
+    lv_qmodel *qm = NULL;
+    lv_model *qfp = NULL;
+    char path[4200];
+    double t0 = lv_now();
+    memset(&w, 0, sizeof w);
+
+    LV_TRY(read_job(q, j));
+    LV_TRY(io_model_open(&q->fp, q->model_path, IO_MODEL_AUTO));
+    const lv_model_config *c = &q->fp->cfg;
+    q->model_hash = model_hash(q->fp);
+    q->T = q->seqlen > 0 ? (int)q->seqlen : c->seq_len;
+    if (q->T > c->seq_len)
+        LV_FAIL(LV_ERR_INVALID_ARG, "calibration.seqlen %d is beyond the model's seq_len %d", q->T,
+                c->seq_len);
+    q->n_seq = q->nsamples;
+    LV_TRY(load_tokens(q, q->calib_path, &toks, &n_tok));
+    LV_TRY(stage_calib_sequences(toks, n_tok, q->n_seq, q->T, (uint64_t)q->seed, &q->seqs));
+    free(toks);
+    toks = NULL;
+    LV_TRY(mkdir_p(q->out_dir));
+    LV_TRY(mkdir_p(q->ckpt_dir));
+    lv_log("quantize %s: %d blocks, %lld x %d calibration tokens, %dx%dg%d, beam %d, "
+           "propagation %s, checkpoints in %s", q->model_path, c->n_layers, (long long)q->n_seq,
+           q->T, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size, q->acfg.beam_size,
+           q->prop, q->ckpt_dir);
+    if (q->eval_path[0]) {
+        LV_TRY(eval_model(q->fp, q, &q->ppl_fp));
+        lv_log("FP perplexity %.4f on %s", q->ppl_fp, q->eval_path);
+    }
+
+    const int micro = q->n_seq < 8 ? (int)q->n_seq : 8;
+    LV_TRY(qwork_init(&w, q, micro));
+    kern_embed_ref(w.x_in, q->fp->tok_emb, q->seqs, q->n_seq * q->T, c->dim);
+    LV_TRY(lv_qmodel_init(&qm, q->fp, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size));
+    double tb = lv_now();
+    for (int l = 0; l < c->n_layers; l++) {
+        if (pipe_stop_requested())
+            LV_FAIL(LV_ERR_STOPPED, "stopped by a signal before block %d; blocks 0..%d are "
+                    "checkpointed in %s; rerun the same job to resume", l, l - 1, q->ckpt_dir);
+        int before = q->n_resumed;
+        LV_TRY(run_block(q, l, &w, &qm->blocks[l], micro));
+        const lv_qblock *b = &qm->blocks[l];
+        double el = lv_now() - tb, eta = el / (l + 1) * (c->n_layers - l - 1);
+        lv_log("block %d/%d %s  %.1f s elapsed, ETA %.1f s  block rel MSE %.4g  layer err "
+               "q %.3f k %.3f v %.3f o %.3f gate %.3f down %.3f up %.3f", l + 1, c->n_layers,
+               q->n_resumed > before ? "resumed " : "done    ", el, eta, b->block_mse,
+               b->rel_err[0], b->rel_err[1], b->rel_err[2], b->rel_err[3], b->rel_err[4],
+               b->rel_err[5], b->rel_err[6]);
+    }
+    qm->job_hash = q->job_hash;
+    qm->model_hash = q->model_hash;
+    snprintf(path, sizeof path, "%s/model.h5", q->out_dir);
+    LV_TRY(io_qmodel_write(qm, path));
+    lv_log("wrote %s (%.3f bits per weight, codes + codebooks + scales)", path,
+           lv_qmodel_bits_per_weight(qm));
+    if (q->eval_path[0]) {
+        LV_TRY(io_qmodel_to_fp(qm, &qfp));
+        LV_TRY(eval_model(qfp, q, &q->ppl_quant));
+    }
+    q->wall_s = lv_now() - t0;
+    snprintf(path, sizeof path, "%s/summary.json", q->out_dir);
+    LV_TRY(write_summary(q, qm, path));
+    if (q->eval_path[0])
+        printf("perplexity FP %.4f -> quantized %.4f at %.3f bits per weight (%.1f s)\n",
+               q->ppl_fp, q->ppl_quant, lv_qmodel_bits_per_weight(qm), q->wall_s);
+    else
+        printf("quantized at %.3f bits per weight (%.1f s)\n", lv_qmodel_bits_per_weight(qm),
+               q->wall_s);
+done:
+    free(toks);
+    qwork_free(&w);
+    lv_qmodel_free(qm);
+    io_model_free(qfp);
+    return st;
+}
+
+int pipe_cmd_quantize(int argc, char **argv)
+{
+    const char *pos[1] = {NULL};
+    int n_pos = 0, quiet = 0, help_keys = 0;
+    const pipe_opt opts[] = {
+        {"set", PIPE_OPT_STR, NULL, "section.key=value: override a job key (repeatable)"},
+        {"quiet", PIPE_OPT_FLAG, &quiet, "no progress on stderr"},
+        {"help-keys", PIPE_OPT_FLAG, &help_keys, "print every job-file key (markdown) and exit"},
+    };
+    const int n_opts = (int)(sizeof opts / sizeof opts[0]);
+    const char *sets[64];
+    int n_sets = 0;
+    char *rest[256];
+    int n_rest = 0;
+    /* --set may repeat: take those out before the generic parser */
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--set") || !strncmp(argv[i], "--set=", 6)) {
+            const char *v = argv[i][5] == '=' ? argv[i] + 6 : (i + 1 < argc ? argv[++i] : NULL);
+            if (!v || n_sets == 64) {
+                fprintf(stderr, "llmvq quantize: --set needs section.key=value (at most 64)\n");
+                return PIPE_EXIT_USAGE;
+            }
+            sets[n_sets++] = v;
+        } else if (n_rest < 256) {
+            rest[n_rest++] = argv[i];
+        }
+    }
+    int rc = pipe_opts_parse("quantize", "JOBFILE [--set section.key=value ...]", opts, n_opts,
+                             n_rest, rest, pos, 1, &n_pos);
+    if (rc) return rc < 0 ? PIPE_EXIT_OK : rc;
+    if (help_keys) {
+        job_schema_markdown(stdout);
+        return PIPE_EXIT_OK;
+    }
+    if (n_pos != 1) {
+        fprintf(stderr, "llmvq quantize: need exactly one JOBFILE (see --help)\n");
+        return PIPE_EXIT_USAGE;
+    }
+    if (quiet) lv_log_set_quiet(1);
+    lv_status st = LV_OK;
+    job_file *j = NULL;
+    qjob q;
+    memset(&q, 0, sizeof q);
+    LV_TRY(job_load(&j, pos[0]));
+    for (int i = 0; i < n_sets; i++) LV_TRY(job_set(j, sets[i]));
+    LV_TRY(job_validate(j));
+    pipe_signals_install();
+    LV_TRY(run_quantize(&q, j));
+done:
+    free(q.seqs);
+    io_tokenizer_free(q.tok);
+    io_model_free(q.fp);
+    job_free(j);
+    if (st == LV_ERR_STOPPED) {
+        char line[1024];
+        lv_last_error_line(line, sizeof line);
+        fprintf(stderr, "llmvq quantize: %s\n", line);
+        return PIPE_EXIT_STOPPED;
+    }
+    return st == LV_OK ? PIPE_EXIT_OK : pipe_report_error("quantize");
+}
