@@ -29,6 +29,31 @@
 
 static void h5_quiet(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
 
+/* Creation property lists without modification times: the same content gives
+ * byte-identical files, so a resumed run can be compared with cmp. */
+static hid_t plist_notime(hid_t cls)
+{
+    hid_t p = H5Pcreate(cls);
+    if (p >= 0) H5Pset_obj_track_times(p, 0);
+    return p;
+}
+
+static hid_t group_create(hid_t loc, const char *name)
+{
+    hid_t p = plist_notime(H5P_GROUP_CREATE);
+    hid_t g = H5Gcreate2(loc, name, H5P_DEFAULT, p, H5P_DEFAULT);
+    if (p >= 0) H5Pclose(p);
+    return g;
+}
+
+static hid_t file_create(const char *path)
+{
+    hid_t p = plist_notime(H5P_FILE_CREATE);
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, p, H5P_DEFAULT);
+    if (p >= 0) H5Pclose(p);
+    return f;
+}
+
 /* ---------------- attributes ---------------- */
 
 static lv_status attr_write(hid_t loc, const char *name, hid_t type, const void *v,
@@ -130,15 +155,17 @@ static lv_status dset_write(hid_t loc, const char *name, hid_t mem_type, hid_t f
                             int rank, const int64_t *dims, const void *data, const char *path)
 {
     lv_status st = LV_OK;
-    hid_t sp = -1, d = -1;
+    hid_t sp = -1, d = -1, dcpl = -1;
     hsize_t hd[4];
     for (int i = 0; i < rank; i++) hd[i] = (hsize_t)dims[i];
     H5CHK(sp = H5Screate_simple(rank, hd, NULL), "%s: dataspace of %s", path, name);
-    H5CHK(d = H5Dcreate2(loc, name, file_type, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+    H5CHK(dcpl = plist_notime(H5P_DATASET_CREATE), "%s: property list of %s", path, name);
+    H5CHK(d = H5Dcreate2(loc, name, file_type, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT),
           "%s: cannot create dataset %s", path, name);
     H5CHK(H5Dwrite(d, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data),
           "%s: cannot write dataset %s", path, name);
 done:
+    if (dcpl >= 0) H5Pclose(dcpl);
     if (d >= 0) H5Dclose(d);
     if (sp >= 0) H5Sclose(sp);
     return st;
@@ -197,7 +224,7 @@ static lv_status write_linear(hid_t blk, lv_lin k, const lv_aq_layer *L, double 
     const char *name = lv_lin_name(k);
     int64_t cd[3] = {L->d_out, L->n_groups, L->M};
     int64_t bd[3] = {L->M, (int64_t)1 << L->nbits, L->g};
-    H5CHK(g = H5Gcreate2(blk, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "%s: group %s", path, name);
+    H5CHK(g = group_create(blk, name), "%s: group %s", path, name);
     LV_TRY(attr_i64(g, "d_out", L->d_out, path));
     LV_TRY(attr_i64(g, "d_in", L->d_in, path));
     LV_TRY(attr_i64(g, "num_codebooks", L->M, path));
@@ -262,7 +289,7 @@ static lv_status write_block(hid_t loc, const char *name, const lv_qblock *b, in
     lv_status st = LV_OK;
     hid_t g = -1;
     int64_t d = dim;
-    H5CHK(g = H5Gcreate2(loc, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "%s: group %s", path, name);
+    H5CHK(g = group_create(loc, name), "%s: group %s", path, name);
     LV_TRY(attr_i64(g, "layer", layer, path));
     LV_TRY(attr_f64(g, "block_mse", b->block_mse, path));
     LV_TRY(dset_write(g, "attn_norm", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 1, &d, b->attn_norm, path));
@@ -417,7 +444,7 @@ lv_status io_qmodel_write(const lv_qmodel *q, const char *path)
     int64_t emb[2] = {c->vocab_size, c->dim}, d = c->dim;
     h5_quiet();
     LV_TRY(tmp_name(tmp, sizeof tmp, path));
-    H5CHK(f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), "%s: cannot create", tmp);
+    H5CHK(f = file_create(tmp), "%s: cannot create", tmp);
     LV_TRY(attr_str(f, "format", H5_FORMAT_NAME, path));
     LV_TRY(attr_i64(f, "format_version", IO_H5_FORMAT_VERSION, path));
     LV_TRY(write_config(f, c, path));
@@ -431,7 +458,7 @@ lv_status io_qmodel_write(const lv_qmodel *q, const char *path)
     LV_TRY(dset_write(f, "final_norm", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 1, &d, q->final_norm, path));
     if (!c->tied_cls)
         LV_TRY(dset_write(f, "lm_head", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 2, emb, q->wcls, path));
-    H5CHK(blocks = H5Gcreate2(f, "blocks", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), "%s: group blocks", path);
+    H5CHK(blocks = group_create(f, "blocks"), "%s: group blocks", path);
     for (int l = 0; l < c->n_layers; l++) {
         char name[16];
         snprintf(name, sizeof name, "%03d", l);
@@ -505,7 +532,7 @@ lv_status io_qblock_write(const char *path, const lv_qblock *b, int layer,
     char tmp[4200];
     h5_quiet();
     LV_TRY(tmp_name(tmp, sizeof tmp, path));
-    H5CHK(f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), "%s: cannot create", tmp);
+    H5CHK(f = file_create(tmp), "%s: cannot create", tmp);
     LV_TRY(attr_str(f, "format", H5_BLOCK_FORMAT_NAME, path));
     LV_TRY(attr_i64(f, "format_version", IO_H5_FORMAT_VERSION, path));
     LV_TRY(write_config(f, cfg, path));

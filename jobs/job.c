@@ -356,16 +356,30 @@ done:
     return st;
 }
 
+/* Keys that do not change the quantized result: where things are written or
+ * evaluated, and the model's path (the model is identified by its own hash). */
+static int key_hashed(const job_key *k)
+{
+    return strcmp(k->section, "output") && strcmp(k->key, "checkpoint_dir") &&
+           !(!strcmp(k->section, "model") && !strcmp(k->key, "path"));
+}
+
 uint64_t job_hash(const job_file *j)
 {
-    char *text = NULL;
+    int n;
+    const job_key *s = job_schema(&n);
     uint64_t h = 0xcbf29ce484222325ULL;
-    if (job_canonical(j, &text) != LV_OK) return 0;
-    for (const unsigned char *p = (const unsigned char *)text; *p; p++) {
-        h ^= *p;
+    for (int i = 0; i < n; i++) {
+        if (!key_hashed(&s[i])) continue;
+        const char *parts[4] = {s[i].section, s[i].key, j->value[i] ? j->value[i] : "", "\n"};
+        for (int p = 0; p < 4; p++)
+            for (const unsigned char *c = (const unsigned char *)parts[p]; *c; c++) {
+                h ^= *c;
+                h *= 0x100000001b3ULL;
+            }
+        h ^= 0xff; /* separator between fields */
         h *= 0x100000001b3ULL;
     }
-    free(text);
     return h;
 }
 

@@ -55,7 +55,8 @@ lv_status job_get_bool(const job_file *j, const char *name, int *v);
  * *text malloc'd. */
 lv_status job_canonical(const job_file *j, char **text);
 
-/* FNV-1a 64 of the canonical text. */
+/* FNV-1a 64 over the keys that change the quantized result (not output.*,
+ * run.checkpoint_dir or model.path): ties checkpoints to a job. */
 uint64_t job_hash(const job_file *j);
 
 /* Markdown table of the schema (docs/jobfile.md). */

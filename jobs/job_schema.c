@@ -55,6 +55,8 @@ static const job_key schema[] = {
      "output directory: model.h5 and summary.json"},
     {"output", "eval_data", JOB_PATH, "", NOLIM, NULL,
      "text or token file for perplexity before/after (default: none)"},
+    {"output", "eval_max_tokens", JOB_INT, "0", 0, 9.0e15, NULL,
+     "evaluate on the first N tokens of eval_data only (0 = all)"},
     {"output", "eval_ctx", JOB_INT, "0", 0, 1 << 20, NULL,
      "evaluation window (0 = the model's seq_len)"},
     };

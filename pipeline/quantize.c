@@ -17,6 +17,7 @@
 #include <cjson/cJSON.h>
 
 #include "io.h"
+#include "comm.h"
 #include "job.h"
 #include "kern.h"
 #include "pipe.h"
@@ -26,7 +27,7 @@ typedef struct {
     /* job */
     const char *model_path, *tok_path, *calib_path, *out_dir, *eval_path, *prop;
     char ckpt_dir[4096];
-    int64_t nsamples, seqlen, seed, eval_ctx;
+    int64_t nsamples, seqlen, seed, eval_ctx, eval_max;
     stage_aqlm_config acfg;
     uint64_t job_hash, model_hash;
     /* data */
@@ -75,6 +76,7 @@ static lv_status read_job(qjob *q, const job_file *j)
     LV_TRY(job_get_str(j, "output.dir", &q->out_dir));
     LV_TRY(job_get_str(j, "output.eval_data", &q->eval_path));
     LV_TRY(job_get_int(j, "output.eval_ctx", &q->eval_ctx));
+    LV_TRY(job_get_int(j, "output.eval_max_tokens", &q->eval_max));
     LV_TRY(job_get_str(j, "quant.propagation", &q->prop));
     stage_aqlm_config *a = &q->acfg;
     memset(a, 0, sizeof *a);
@@ -141,7 +143,7 @@ static lv_status eval_model(const lv_model *m, const qjob *q, double *ppl)
     int64_t n = 0;
     stage_eval_result r;
     LV_TRY(io_data_tokens(q->eval_path, q->tok, m->cfg.vocab_size, &toks, &n));
-    stage_eval_opts eo = {.ctx = (int)q->eval_ctx, .max_tokens = 0, .batch = 0, .progress = 0};
+    stage_eval_opts eo = {.ctx = (int)q->eval_ctx, .max_tokens = q->eval_max, .batch = 0, .progress = 0};
     LV_TRY(stage_eval_ppl(m, toks, n, &eo, &r));
     *ppl = r.ppl;
 done:
@@ -394,18 +396,101 @@ done:
     return st;
 }
 
-static lv_status run_quantize(qjob *q, const job_file *j)
+/* Blocks [*first, *last) of rank `rank` of `size`: contiguous shards of equal
+ * cost (every block of a LLaMA model has the same shapes). */
+static void shard_of(int n_layers, int rank, int size, int *first, int *last)
+{
+    *first = (int)((int64_t)n_layers * rank / size);
+    *last = (int)((int64_t)n_layers * (rank + 1) / size);
+}
+
+/* This rank's part: FP prefix up to its shard, then its blocks. */
+static lv_status quantize_shard(qjob *q, int first, int last, double t_start)
+{
+    lv_status st = LV_OK;
+    qwork w;
+    lv_qblock b;
+    const lv_model_config *c = &q->fp->cfg;
+    const int micro = q->n_seq < 8 ? (int)q->n_seq : 8;
+    memset(&w, 0, sizeof w);
+    memset(&b, 0, sizeof b);
+    if (first >= last) goto done;
+    LV_TRY(qwork_init(&w, q, micro));
+    kern_embed_ref(w.x_in, q->fp->tok_emb, q->seqs, q->n_seq * q->T, c->dim);
+    /* inputs of the shard's first block: the FP model's activations there */
+    for (int l = 0; l < first; l++)
+        LV_TRY(stage_calib_block(q->fp, l, w.x_in, q->n_seq, q->T, w.ws, micro, NULL));
+    for (int l = first; l < last; l++) {
+        if (pipe_stop_requested())
+            LV_FAIL(LV_ERR_STOPPED, "stopped by a signal before block %d; finished blocks are "
+                    "checkpointed in %s; rerun the same job to resume", l, q->ckpt_dir);
+        int before = q->n_resumed;
+        LV_TRY(lv_qblock_init(&b, c, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size));
+        memcpy(b.attn_norm, q->fp->layers[l].attn_norm, sizeof(float) * (size_t)c->dim);
+        memcpy(b.ffn_norm, q->fp->layers[l].ffn_norm, sizeof(float) * (size_t)c->dim);
+        LV_TRY(run_block(q, l, &w, &b, micro));
+        double el = lv_now() - t_start, eta = el / (l - first + 1) * (last - l - 1);
+        lv_log("block %d/%d %s  %.1f s elapsed, shard ETA %.1f s  block rel MSE %.4g  layer "
+               "err q %.3f k %.3f v %.3f o %.3f gate %.3f down %.3f up %.3f", l + 1,
+               c->n_layers, q->n_resumed > before ? "resumed" : "done   ", el, eta, b.block_mse,
+               b.rel_err[0], b.rel_err[1], b.rel_err[2], b.rel_err[3], b.rel_err[4],
+               b.rel_err[5], b.rel_err[6]);
+        lv_qblock_free(&b);
+    }
+done:
+    lv_qblock_free(&b);
+    qwork_free(&w);
+    return st;
+}
+
+/* Rank 0: every block from its verified checkpoint into the final model. */
+static lv_status assemble(qjob *q, double t_start)
+{
+    lv_status st = LV_OK;
+    lv_qmodel *qm = NULL;
+    lv_model *qfp = NULL;
+    char path[4200];
+    const lv_model_config *c = &q->fp->cfg;
+    LV_TRY(lv_qmodel_init(&qm, q->fp, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size));
+    for (int l = 0; l < c->n_layers; l++) {
+        int got = -1;
+        snprintf(path, sizeof path, "%s/block_%03d.h5", q->ckpt_dir, l);
+        lv_qblock_free(&qm->blocks[l]);
+        LV_TRY(io_qblock_read(path, c, q->job_hash, q->model_hash, &qm->blocks[l], &got));
+        if (got != l) LV_FAIL(LV_ERR_FORMAT, "%s: holds block %d, expected %d", path, got, l);
+    }
+    qm->job_hash = q->job_hash;
+    qm->model_hash = q->model_hash;
+    snprintf(path, sizeof path, "%s/model.h5", q->out_dir);
+    LV_TRY(io_qmodel_write(qm, path));
+    lv_log("wrote %s (%.3f bits per weight: codes + codebooks + scales)", path,
+           lv_qmodel_bits_per_weight(qm));
+    if (q->eval_path[0]) {
+        LV_TRY(eval_model(q->fp, q, &q->ppl_fp));
+        LV_TRY(io_qmodel_to_fp(qm, &qfp));
+        LV_TRY(eval_model(qfp, q, &q->ppl_quant));
+    }
+    q->wall_s = lv_now() - t_start;
+    snprintf(path, sizeof path, "%s/summary.json", q->out_dir);
+    LV_TRY(write_summary(q, qm, path));
+    if (q->eval_path[0])
+        printf("perplexity FP %.4f -> quantized %.4f at %.3f bits per weight (%.1f s)\n",
+               q->ppl_fp, q->ppl_quant, lv_qmodel_bits_per_weight(qm), q->wall_s);
+    else
+        printf("quantized at %.3f bits per weight (%.1f s)\n", lv_qmodel_bits_per_weight(qm),
+               q->wall_s);
+done:
+    lv_qmodel_free(qm);
+    io_model_free(qfp);
+    return st;
+}
+
+/* Load the job's model and calibration data (every rank, identically). */
+static lv_status prepare(qjob *q, const job_file *j)
 {
     lv_status st = LV_OK;
     int32_t *toks = NULL;
     int64_t n_tok = 0;
-    qwork w;
-    lv_qmodel *qm = NULL;
-    lv_model *qfp = NULL;
-    char path[4200];
-    double t0 = lv_now();
-    memset(&w, 0, sizeof w);
-
     LV_TRY(read_job(q, j));
     LV_TRY(io_model_open(&q->fp, q->model_path, IO_MODEL_AUTO));
     const lv_model_config *c = &q->fp->cfg;
@@ -417,62 +502,51 @@ static lv_status run_quantize(qjob *q, const job_file *j)
     q->n_seq = q->nsamples;
     LV_TRY(load_tokens(q, q->calib_path, &toks, &n_tok));
     LV_TRY(stage_calib_sequences(toks, n_tok, q->n_seq, q->T, (uint64_t)q->seed, &q->seqs));
-    free(toks);
-    toks = NULL;
-    LV_TRY(mkdir_p(q->out_dir));
-    LV_TRY(mkdir_p(q->ckpt_dir));
-    lv_log("quantize %s: %d blocks, %lld x %d calibration tokens, %dx%dg%d, beam %d, "
-           "propagation %s, checkpoints in %s", q->model_path, c->n_layers, (long long)q->n_seq,
-           q->T, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size, q->acfg.beam_size,
-           q->prop, q->ckpt_dir);
-    if (q->eval_path[0]) {
-        LV_TRY(eval_model(q->fp, q, &q->ppl_fp));
-        lv_log("FP perplexity %.4f on %s", q->ppl_fp, q->eval_path);
-    }
-
-    const int micro = q->n_seq < 8 ? (int)q->n_seq : 8;
-    LV_TRY(qwork_init(&w, q, micro));
-    kern_embed_ref(w.x_in, q->fp->tok_emb, q->seqs, q->n_seq * q->T, c->dim);
-    LV_TRY(lv_qmodel_init(&qm, q->fp, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size));
-    double tb = lv_now();
-    for (int l = 0; l < c->n_layers; l++) {
-        if (pipe_stop_requested())
-            LV_FAIL(LV_ERR_STOPPED, "stopped by a signal before block %d; blocks 0..%d are "
-                    "checkpointed in %s; rerun the same job to resume", l, l - 1, q->ckpt_dir);
-        int before = q->n_resumed;
-        LV_TRY(run_block(q, l, &w, &qm->blocks[l], micro));
-        const lv_qblock *b = &qm->blocks[l];
-        double el = lv_now() - tb, eta = el / (l + 1) * (c->n_layers - l - 1);
-        lv_log("block %d/%d %s  %.1f s elapsed, ETA %.1f s  block rel MSE %.4g  layer err "
-               "q %.3f k %.3f v %.3f o %.3f gate %.3f down %.3f up %.3f", l + 1, c->n_layers,
-               q->n_resumed > before ? "resumed " : "done    ", el, eta, b->block_mse,
-               b->rel_err[0], b->rel_err[1], b->rel_err[2], b->rel_err[3], b->rel_err[4],
-               b->rel_err[5], b->rel_err[6]);
-    }
-    qm->job_hash = q->job_hash;
-    qm->model_hash = q->model_hash;
-    snprintf(path, sizeof path, "%s/model.h5", q->out_dir);
-    LV_TRY(io_qmodel_write(qm, path));
-    lv_log("wrote %s (%.3f bits per weight, codes + codebooks + scales)", path,
-           lv_qmodel_bits_per_weight(qm));
-    if (q->eval_path[0]) {
-        LV_TRY(io_qmodel_to_fp(qm, &qfp));
-        LV_TRY(eval_model(qfp, q, &q->ppl_quant));
-    }
-    q->wall_s = lv_now() - t0;
-    snprintf(path, sizeof path, "%s/summary.json", q->out_dir);
-    LV_TRY(write_summary(q, qm, path));
-    if (q->eval_path[0])
-        printf("perplexity FP %.4f -> quantized %.4f at %.3f bits per weight (%.1f s)\n",
-               q->ppl_fp, q->ppl_quant, lv_qmodel_bits_per_weight(qm), q->wall_s);
-    else
-        printf("quantized at %.3f bits per weight (%.1f s)\n", lv_qmodel_bits_per_weight(qm),
-               q->wall_s);
+    if (q->eval_path[0] && access(q->eval_path, R_OK) != 0)
+        LV_FAIL(LV_ERR_IO, "%s: cannot read output.eval_data: %s", q->eval_path, strerror(errno));
 done:
     free(toks);
-    qwork_free(&w);
-    lv_qmodel_free(qm);
-    io_model_free(qfp);
+    return st;
+}
+
+/* Collective. Every rank returns the same status; *failed_rank is the lowest
+ * rank that failed (-1 when none), whose own message is in its lv_last_error. */
+static lv_status run_quantize(qjob *q, const job_file *j, comm_ctx *comm, int *failed_rank)
+{
+    lv_status st = LV_OK, global = LV_OK;
+    const int rank = comm_rank(comm), size = comm_size(comm);
+    double t0 = lv_now();
+    *failed_rank = -1;
+
+    st = prepare(q, j);
+    if (st == LV_OK && rank == 0) {
+        st = mkdir_p(q->out_dir);
+        if (st == LV_OK) st = mkdir_p(q->ckpt_dir);
+    }
+    LV_TRY(comm_agree_status(comm, st, &global, failed_rank));
+    if (global != LV_OK) {
+        st = global;
+        goto done;
+    }
+    const lv_model_config *c = &q->fp->cfg;
+    int first, last;
+    shard_of(c->n_layers, rank, size, &first, &last);
+    if (rank == 0)
+        lv_log("quantize %s: %d blocks on %d rank%s, %lld x %d calibration tokens, %dx%dg%d, "
+               "beam %d, propagation %s, checkpoints in %s", q->model_path, c->n_layers, size,
+               size > 1 ? "s" : "", (long long)q->n_seq, q->T, q->acfg.n_codebooks,
+               q->acfg.nbits, q->acfg.group_size, q->acfg.beam_size, q->prop, q->ckpt_dir);
+    if (size > 1) lv_log("shard: blocks %d..%d", first, last - 1);
+    st = quantize_shard(q, first, last, t0);
+    LV_TRY(comm_agree_status(comm, st, &global, failed_rank));
+    if (global != LV_OK) {
+        st = global;
+        goto done;
+    }
+    if (rank == 0) st = assemble(q, t0);
+    LV_TRY(comm_agree_status(comm, st, &global, failed_rank));
+    st = global;
+done:
     return st;
 }
 
@@ -517,23 +591,46 @@ int pipe_cmd_quantize(int argc, char **argv)
     if (quiet) lv_log_set_quiet(1);
     lv_status st = LV_OK;
     job_file *j = NULL;
+    comm_ctx *comm = NULL;
+    comm_config ccfg = {.allow_nccl = 0, .timeout_s = 0};
+    int failed_rank = -1, rank = 0, mpi_up = 0;
     qjob q;
     memset(&q, 0, sizeof q);
+    if (MPI_Init(NULL, NULL) != MPI_SUCCESS) {
+        fprintf(stderr, "llmvq quantize: MPI_Init failed\n");
+        return PIPE_EXIT_ERROR;
+    }
+    mpi_up = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     LV_TRY(job_load(&j, pos[0]));
     for (int i = 0; i < n_sets; i++) LV_TRY(job_set(j, sets[i]));
     LV_TRY(job_validate(j));
     pipe_signals_install();
-    LV_TRY(run_quantize(&q, j));
+    LV_TRY(comm_ctx_init(&comm, MPI_COMM_WORLD, &ccfg));
+    lv_error_set_rank(comm_size(comm) > 1 ? comm_rank(comm) : -1);
+    st = run_quantize(&q, j, comm, &failed_rank);
 done:
     free(q.seqs);
     io_tokenizer_free(q.tok);
     io_model_free(q.fp);
     job_free(j);
+    int code = PIPE_EXIT_OK;
     if (st == LV_ERR_STOPPED) {
-        char line[1024];
-        lv_last_error_line(line, sizeof line);
-        fprintf(stderr, "llmvq quantize: %s\n", line);
-        return PIPE_EXIT_STOPPED;
+        /* every rank stopped at a safe point; one line from rank 0 */
+        if (rank == 0) {
+            char line[1024];
+            lv_last_error_line(line, sizeof line);
+            fprintf(stderr, "llmvq quantize: %s\n", line[0] ? line : "stopped by a signal");
+        }
+        code = PIPE_EXIT_STOPPED;
+    } else if (st != LV_OK) {
+        /* the rank that failed says why; the others name it */
+        if (failed_rank < 0 || failed_rank == rank)
+            code = pipe_report_error("quantize");
+        else
+            code = PIPE_EXIT_ERROR;
     }
-    return st == LV_OK ? PIPE_EXIT_OK : pipe_report_error("quantize");
+    comm_ctx_free(comm);
+    if (mpi_up) MPI_Finalize();
+    return code;
 }

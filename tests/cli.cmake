@@ -3,3 +3,11 @@ llmvq_add_script_test(NAME cli_bad_inputs LABELS cli
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/cli_bad_inputs.sh)
 llmvq_add_script_test(NAME cli_golden LABELS cli
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/cli_golden.sh)
+llmvq_add_script_test(NAME quantize_e2e LABELS cli
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_e2e.sh)
+llmvq_add_script_test(NAME quantize_ranks LABELS "cli;mpi"
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_ranks.sh)
+llmvq_add_script_test(NAME quantize_resume LABELS "cli;mpi" TIMEOUT 900
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_resume.sh)
+llmvq_add_script_test(NAME quantize_damage LABELS cli
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_damage.sh)

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# README command (a): install what is missing, build llmvq, run the demo job on
-# the shipped stories260K model (jobs/demo/) and print its perplexity.
-# The quantize stage is not built yet (issue 4): until it is, the demo evaluates
-# the FP model and samples a story from it.
+# README command (a): install what is missing, build llmvq, and run the demo
+# job: quantize the shipped stories260K model (jobs/demo/) on 2 MPI ranks with
+# jobs/stories260K-2bit.ini, printing perplexity before and after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc 2>/dev/null || echo 2)
 tools/install-deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j"$jobs" >/dev/null
-echo "== llmvq eval: stories260K (FP32) on the TinyStories validation subset, ctx 512"
-./build/llmvq eval --model jobs/demo/stories260K.bin --data jobs/demo/tinystories_val_subset.txt --ctx 512
-echo "== llmvq generate: greedy story"
-./build/llmvq generate --model jobs/demo/stories260K.bin --temperature 0 --steps 200
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_rmaps_base_oversubscribe=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+out=${LLMVQ_DEMO_OUT:-out/demo}
+echo "== llmvq quantize jobs/stories260K-2bit.ini on 2 MPI ranks -> $out"
+mpirun -np 2 ./build/llmvq quantize jobs/stories260K-2bit.ini --set output.dir="$out"
+echo "== result: $out/model.h5, $out/summary.json; greedy sample from the quantized model:"
+./build/llmvq generate --model "$out/model.h5" --tokenizer jobs/demo/tok512.bin --temperature 0 --steps 120

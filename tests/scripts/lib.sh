@@ -15,19 +15,19 @@ bad()  { FAILS=$((FAILS + 1)); echo "FAIL $*"; }
 expect_error() {
   local name=$1 pat=$2; shift 2
   local rc=0
-  "$@" >"$T/out" 2>"$T/err" || rc=$?
+  "$@" >"$T/.cmd_out" 2>"$T/.cmd_err" || rc=$?
   local lines
-  lines=$(grep -c '^llmvq' "$T/err" || true)
+  lines=$(grep -c '^llmvq' "$T/.cmd_err" || true)
   if [ "$rc" -ne 1 ]; then
-    bad "$name: exit $rc (want 1); stderr: $(tail -n 3 "$T/err")"
+    bad "$name: exit $rc (want 1); stderr: $(tail -n 3 "$T/.cmd_err")"
   elif [ "$lines" -ne 1 ]; then
-    bad "$name: $lines 'llmvq' error lines (want 1): $(cat "$T/err")"
-  elif ! grep '^llmvq' "$T/err" | grep -Eq -- "$pat"; then
-    bad "$name: message does not match /$pat/: $(grep '^llmvq' "$T/err")"
-  elif grep -q 'AddressSanitizer\|runtime error' "$T/err"; then
-    bad "$name: sanitizer report: $(head -n 5 "$T/err")"
+    bad "$name: $lines 'llmvq' error lines (want 1): $(cat "$T/.cmd_err")"
+  elif ! grep '^llmvq' "$T/.cmd_err" | grep -Eq -- "$pat"; then
+    bad "$name: message does not match /$pat/: $(grep '^llmvq' "$T/.cmd_err")"
+  elif grep -q 'AddressSanitizer\|runtime error' "$T/.cmd_err"; then
+    bad "$name: sanitizer report: $(head -n 5 "$T/.cmd_err")"
   else
-    ok "$name: $(grep '^llmvq' "$T/err")"
+    ok "$name: $(grep '^llmvq' "$T/.cmd_err")"
   fi
 }
 
