@@ -311,7 +311,7 @@ static void test_whole_text(void **state)
     double dt = lv_now() - t0;
     printf("  encode %zu bytes -> %lld tokens in %.3f s (%.2f MB/s)\n", n, (long long)nt, dt,
            n / dt / 1e6);
-    assert_true(nt > n / 8 && nt < n);
+    assert_true(nt > (int64_t)(n / 8) && nt < (int64_t)n);
     assert_true(dt < 5.0);
     assert_round_trip(t, text, n);
     /* "<0x0A>"-style pieces decode to their byte; the space after BOS is stripped. */
