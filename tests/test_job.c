@@ -69,6 +69,8 @@ static void test_good(void **state)
     assert_int_equal(job_set(j, "output.dir=/tmp/x"), LV_OK);
     assert_int_equal(job_get_str(j, "output.dir", &s), LV_OK);
     assert_string_equal(s, "/tmp/x");
+    assert_true(job_hash(j) == h0); /* where results go does not change them */
+    assert_int_equal(job_set(j, "quant.beam_size=4"), LV_OK);
     assert_true(job_hash(j) != h0);
     assert_int_equal(job_set(j, "quant.nbits=99"), LV_ERR_INVALID_ARG);
     assert_non_null(strstr(lv_last_error(), "quant.nbits"));
