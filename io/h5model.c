@@ -550,33 +550,59 @@ done:
     return st;
 }
 
+/* Opens a block checkpoint, reads its tags into info and its block into b, and
+ * verifies the checksum. cfg (optional) must match the file's config. */
+static lv_status qblock_load(const char *path, const lv_model_config *cfg, lv_qblock *b,
+                             io_qblock_info *info)
+{
+    lv_status st = LV_OK;
+    hid_t f = -1;
+    memset(b, 0, sizeof *b);
+    memset(info, 0, sizeof *info);
+    info->layer = -1;
+    LV_TRY(open_checked(&f, path, H5_BLOCK_FORMAT_NAME));
+    LV_TRY(read_config(f, &info->cfg, path));
+    if (cfg && memcmp(&info->cfg, cfg, sizeof *cfg) != 0)
+        LV_FAIL(LV_ERR_FORMAT, "%s: checkpoint of a model with another config", path);
+    LV_TRY(attr_read(f, "job_hash", H5T_NATIVE_UINT64, &info->job_hash, path));
+    LV_TRY(attr_read(f, "model_hash", H5T_NATIVE_UINT64, &info->model_hash, path));
+    LV_TRY(attr_read(f, "checksum", H5T_NATIVE_UINT64, &info->checksum, path));
+    LV_TRY(read_block(f, "block", &info->cfg, b, &info->layer, path));
+    if (io_qblock_checksum(b) != info->checksum)
+        LV_FAIL(LV_ERR_FORMAT, "%s: checksum mismatch: the block's data is corrupt", path);
+    info->block_mse = b->block_mse;
+    memcpy(info->rel_err, b->rel_err, sizeof info->rel_err);
+done:
+    if (f >= 0) H5Fclose(f);
+    if (st != LV_OK) lv_qblock_free(b);
+    return st;
+}
+
 lv_status io_qblock_read(const char *path, const lv_model_config *cfg, uint64_t job_hash,
                          uint64_t model_hash, lv_qblock *b, int *layer)
 {
     lv_status st = LV_OK;
-    hid_t f = -1;
-    lv_model_config fc;
-    uint64_t jh = 0, mh = 0, sum = 0;
-    memset(b, 0, sizeof *b);
-    LV_TRY(open_checked(&f, path, H5_BLOCK_FORMAT_NAME));
-    LV_TRY(read_config(f, &fc, path));
-    if (memcmp(&fc, cfg, sizeof fc) != 0)
-        LV_FAIL(LV_ERR_FORMAT, "%s: checkpoint of a model with another config", path);
-    LV_TRY(attr_read(f, "job_hash", H5T_NATIVE_UINT64, &jh, path));
-    LV_TRY(attr_read(f, "model_hash", H5T_NATIVE_UINT64, &mh, path));
-    if (mh != model_hash)
+    io_qblock_info info;
+    LV_TRY(qblock_load(path, cfg, b, &info));
+    if (info.model_hash != model_hash)
         LV_FAIL(LV_ERR_FORMAT, "%s: checkpoint of another model (hash %016" PRIx64 ", this model %016"
-                PRIx64 ")", path, mh, model_hash);
-    if (jh != job_hash)
+                PRIx64 ")", path, info.model_hash, model_hash);
+    if (info.job_hash != job_hash)
         LV_FAIL(LV_ERR_FORMAT, "%s: checkpoint of another job (hash %016" PRIx64 ", this job %016"
-                PRIx64 ")", path, jh, job_hash);
-    LV_TRY(attr_read(f, "checksum", H5T_NATIVE_UINT64, &sum, path));
-    LV_TRY(read_block(f, "block", cfg, b, layer, path));
-    if (io_qblock_checksum(b) != sum)
-        LV_FAIL(LV_ERR_FORMAT, "%s: checksum mismatch: the block's data is corrupt", path);
+                PRIx64 ")", path, info.job_hash, job_hash);
+    *layer = info.layer;
 done:
-    if (f >= 0) H5Fclose(f);
     if (st != LV_OK) lv_qblock_free(b);
+    return st;
+}
+
+lv_status io_qblock_inspect(const char *path, io_qblock_info *info)
+{
+    lv_status st = LV_OK;
+    lv_qblock b;
+    LV_TRY(qblock_load(path, NULL, &b, info));
+    lv_qblock_free(&b);
+done:
     return st;
 }
 

@@ -83,6 +83,18 @@ lv_status io_qblock_read(const char *path, const lv_model_config *cfg, uint64_t 
                          uint64_t model_hash, lv_qblock *b, int *layer);
 uint64_t io_qblock_checksum(const lv_qblock *b);
 
+/* What a block checkpoint holds, for `llmvq inspect`. */
+typedef struct {
+    int layer;
+    lv_model_config cfg;
+    uint64_t job_hash, model_hash, checksum;
+    double block_mse;
+    double rel_err[LV_LIN_COUNT];
+} io_qblock_info;
+/* Read and fully verify a block checkpoint (format, shapes, values, checksum)
+ * without a job to compare with; fills info. */
+lv_status io_qblock_inspect(const char *path, io_qblock_info *info);
+
 /* W (d_out, d_in) = dequantized L. */
 lv_status io_qmodel_dequant_linear(const lv_aq_layer *L, float *W);
 

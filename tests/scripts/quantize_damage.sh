@@ -36,6 +36,9 @@ p = sys.argv[1]; b = bytearray(open(p, 'rb').read())
 for off in range(len(b) // 2, len(b) // 2 + 64, 8): b[off] ^= 0x5a
 open(p, 'wb').write(b)
 PYEOF
+rc=0; "$LLMVQ_BIN" inspect "$T/ref" >"$T/insp" 2>&1 || rc=$?
+[ "$rc" = 1 ] && grep -q "block_002.h5  CORRUPT" "$T/insp" && grep -q "4 of 5 blocks done and verified, 1 corrupt, 1 left (2)" "$T/insp" \
+  && ok "inspect reports the corrupt block (exit 1)" || bad "inspect: exit $rc: $(cat "$T/insp")"
 damage "corrupt block file" 2 "block_002.h5: "
 f=$C/block_003.h5; head -c $(( $(stat -c %s "$f") / 2 )) "$f" >"$f.x" && mv "$f.x" "$f"
 damage "truncated block file" 3 "block_003.h5"

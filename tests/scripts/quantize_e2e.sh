@@ -33,6 +33,8 @@ sys.exit(0 if abs(a-b) <= 1e-9*a else 1)" "$O/summary.json" "$T/eval.json" \
 else
   bad "llmvq eval of model.h5 failed: $(cat "$T/eval.json")"
 fi
+"$LLMVQ_BIN" inspect "$O" >"$T/inspect.txt" 2>&1 && grep -q "5 of 5 blocks done and verified, 0 corrupt, 0 left" "$T/inspect.txt" \
+  && ok "inspect: all blocks verified" || bad "inspect: $(cat "$T/inspect.txt")"
 h5dump -A "$O/model.h5" >/dev/null 2>&1 && ok "model.h5 readable by h5dump" || bad "h5dump cannot read model.h5"
 # a rerun of the finished job resumes every block and gives the same bytes
 cp "$O/model.h5" "$T/first.h5"
