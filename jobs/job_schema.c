@@ -44,6 +44,20 @@ static const job_key schema[] = {
 
     /* [finetune] */
                     
+    /* [finetune] */
+    {"finetune", "enable", JOB_BOOL, "true", NOLIM, NULL,
+     "block fine-tuning: codebooks, scales and norms trained with Adam to match the FP block"},
+    {"finetune", "lr", JOB_FLOAT, "1e-3", 0, 1, NULL, "Adam learning rate"},
+    {"finetune", "max_epochs", JOB_INT, "20", 1, 100000, NULL,
+     "epochs over the block's calibration sequences"},
+    {"finetune", "batch_seqs", JOB_INT, "8", 1, 1 << 20, NULL, "sequences per Adam step"},
+    {"finetune", "patience", JOB_INT, "3", 1, 1000, NULL,
+     "stop after this many epochs without held-out improvement"},
+    {"finetune", "holdout", JOB_FLOAT, "0.1", 0, 0.5, NULL,
+     "fraction of the calibration sequences held out for early stopping"},
+    {"finetune", "freeze_norms", JOB_BOOL, "false", NOLIM, NULL,
+     "keep the RMSNorm weights of the FP model"},
+
     /* [run] */
     {"run", "seed", JOB_INT, "0", 0, 9.0e15, NULL,
      "seed of every random choice: same job + seed = bit-identical codes"},

@@ -29,6 +29,8 @@ typedef struct {
     char ckpt_dir[4096];
     int64_t nsamples, seqlen, seed, eval_ctx, eval_max;
     stage_aqlm_config acfg;
+    int ft_enable;
+    stage_ft_config ft;
     uint64_t job_hash, model_hash;
     /* data */
     lv_model *fp;
@@ -92,6 +94,15 @@ static lv_status read_job(qjob *q, const job_file *j)
     LV_TRY(job_get_str(j, "quant.codebook_update", &upd));
     a->codebook_update = strcmp(upd, "lstsq") ? STAGE_AQLM_ADAM : STAGE_AQLM_LSTSQ;
     a->seed = (uint64_t)q->seed;
+    stage_ft_config *ft = &q->ft;
+    memset(ft, 0, sizeof *ft);
+    LV_TRY(job_get_bool(j, "finetune.enable", &q->ft_enable));
+    LV_TRY(job_get_float(j, "finetune.lr", &x)); ft->lr = (float)x;
+    LV_TRY(job_get_int(j, "finetune.max_epochs", &v)); ft->max_epochs = (int)v;
+    LV_TRY(job_get_int(j, "finetune.batch_seqs", &v)); ft->batch_seqs = (int)v;
+    LV_TRY(job_get_int(j, "finetune.patience", &v)); ft->patience = (int)v;
+    LV_TRY(job_get_float(j, "finetune.holdout", &x)); ft->holdout_frac = x;
+    LV_TRY(job_get_bool(j, "finetune.freeze_norms", &ft->freeze_norms));
     if (ck[0])
         snprintf(q->ckpt_dir, sizeof q->ckpt_dir, "%s", ck);
     else
@@ -304,6 +315,15 @@ static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro
                                  resumed ? NULL : &w->h));
     }
     if (!resumed) LV_TRY(quantize_linears(q, layer, w, b));
+    if (!resumed && q->ft_enable) {
+        /* codes fixed; codebooks, scales and norms trained against the FP outputs */
+        stage_ft_config ft = q->ft;
+        stage_ft_stats fs;
+        ft.seed = (uint64_t)q->seed * 1000003ULL + (uint64_t)layer;
+        LV_TRY(stage_finetune_block(c, b, w->x_in, w->y_fp, q->n_seq, q->T, &ft, &fs));
+        lv_log("block %d: fine-tuning: held-out rel MSE %.4g -> %.4g (%d epochs, %.1f s)",
+               layer + 1, fs.mse_before, fs.mse_after, fs.epochs, fs.wall_s);
+    }
     if (!resumed || !prop_fp) {
         LV_TRY(qblock_view(q->fp, layer, b, w->wq_scratch, w->layers, &view));
         memcpy(w->y_q, w->x_in, n * sizeof(float));

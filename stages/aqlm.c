@@ -4,7 +4,10 @@
  *
  * Every step (codebook update, scale refit, beam search) keeps its input when
  * its result would be worse, so the objective never increases. Workspaces are
- * allocated once per public call (aq_ws), never per iteration. */
+ * allocated once per public call (stage_aq_ws), never per iteration. Codebook
+ * updates work on a stage_aq_set (layers sharing one codebook tensor, weighted);
+ * a single layer is the set of one, and stage_aqlm_run is aqlm_shared.c's
+ * stage_aqlm_run_shared with n = 1. */
 #include <float.h>
 #include <math.h>
 #include <omp.h>
@@ -95,25 +98,7 @@ done:
 
 /* ---------------------------------------------------------------- workspace */
 
-typedef struct {
-    int64_t K, N;             /* codebook entries, codebook parameters M*K*g */
-    float *Q, *E, *EH;        /* (d_out, d_pad): unscaled reconstruction, W - What, E H */
-    double *rowdot;           /* (d_out) */
-    /* Adam (state kept across alternations of one run) */
-    double *gC, *vC, *vmC;    /* (N) */
-    double *gS, *vS, *vmS;    /* (d_out) */
-    float *bestC, *bestS;     /* (N), (d_out) */
-    int64_t adam_t;
-    /* beam search */
-    double *cnorm;            /* (n_groups, M, K): c^T H_ii c */
-    unsigned char *beam;      /* n_threads * beam_bytes */
-    size_t beam_bytes;
-    int n_threads, beam_size;
-    /* least squares */
-    double *A, *b;            /* (N, N), (N) */
-} aq_ws;
-
-static void aq_ws_free(aq_ws *w)
+void stage_aq_ws_free(stage_aq_ws *w)
 {
     void *ptrs[] = {w->Q,  w->E,     w->EH,    w->rowdot, w->gC,   w->vC, w->vmC, w->gS,
                     w->vS, w->vmS,   w->bestC, w->bestS,  w->cnorm, w->beam, w->A, w->b};
@@ -156,10 +141,8 @@ static size_t aq_beam_carve(aq_beam_scratch *s, unsigned char *base, int B, int6
     return off;
 }
 
-enum { AQ_NEED_ADAM = 1, AQ_NEED_BEAM = 2, AQ_NEED_LSTSQ = 4 };
-
-static lv_status aq_ws_init(aq_ws *w, const stage_qprob *p, const stage_aqlm_layer *L,
-                            int need, int beam_size)
+lv_status stage_aq_ws_init(stage_aq_ws *w, const stage_qprob *p, const stage_aqlm_layer *L,
+                           int need, int beam_size)
 {
     lv_status st = LV_OK;
     memset(w, 0, sizeof *w);
@@ -170,17 +153,20 @@ static lv_status aq_ws_init(aq_ws *w, const stage_qprob *p, const stage_aqlm_lay
     LV_ALLOC(w->E, rc);
     LV_ALLOC(w->EH, rc);
     LV_ALLOC(w->rowdot, p->d_out);
-    LV_ALLOC(w->bestC, w->N);
+    const int cb_state = !(need & STAGE_AQ_LAYER_ONLY);
+    if (cb_state) LV_ALLOC(w->bestC, w->N);
     LV_ALLOC(w->bestS, p->d_out);
-    if (need & AQ_NEED_ADAM) {
+    if ((need & STAGE_AQ_NEED_ADAM) && cb_state) {
         LV_ALLOC(w->gC, w->N);
         LV_ALLOC(w->vC, w->N);
         LV_ALLOC(w->vmC, w->N);
+    }
+    if (need & STAGE_AQ_NEED_ADAM) {
         LV_ALLOC(w->gS, p->d_out);
         LV_ALLOC(w->vS, p->d_out);
         LV_ALLOC(w->vmS, p->d_out);
     }
-    if (need & AQ_NEED_BEAM) {
+    if (need & STAGE_AQ_NEED_BEAM) {
         if (beam_size <= 0 || beam_size > 4096)
             LV_FAIL(LV_ERR_INVALID_ARG, "aqlm: beam_size %d out of range 1..4096", beam_size);
         w->beam_size = beam_size;
@@ -191,22 +177,24 @@ static lv_status aq_ws_init(aq_ws *w, const stage_qprob *p, const stage_aqlm_lay
         LV_ALLOC(w->cnorm, p->n_groups * L->M * w->K);
         LV_ALLOC(w->beam, w->beam_bytes * (size_t)w->n_threads);
     }
-    if (need & AQ_NEED_LSTSQ) {
+    if (need & STAGE_AQ_NEED_LSTSQ) {
         if (w->N > AQ_LSTSQ_MAX_PARAMS)
             LV_FAIL(LV_ERR_UNSUPPORTED,
                     "aqlm: least-squares codebook update needs M*2^nbits*g <= %d, have %lld; "
                     "use codebook_update = ADAM",
                     AQ_LSTSQ_MAX_PARAMS, (long long)w->N);
-        LV_ALLOC(w->A, w->N * w->N);
-        LV_ALLOC(w->b, w->N);
+        if (cb_state) {
+            LV_ALLOC(w->A, w->N * w->N);
+            LV_ALLOC(w->b, w->N);
+        }
     }
 done:
-    if (st != LV_OK) aq_ws_free(w);
+    if (st != LV_OK) stage_aq_ws_free(w);
     return st;
 }
 
 /* Q = unscaled reconstruction, E = W - s*Q, EH = E H; returns the objective. */
-static double aq_eval(const stage_qprob *p, const stage_aqlm_layer *L, aq_ws *w)
+double stage_aq_eval(const stage_qprob *p, const stage_aqlm_layer *L, stage_aq_ws *w)
 {
     const int64_t dp = p->d_pad;
     kern_aq_dequant_ref(w->Q, L->codes, L->codebooks, NULL, p->d_out, dp, p->n_groups, L->M,
@@ -220,7 +208,7 @@ static double aq_eval(const stage_qprob *p, const stage_aqlm_layer *L, aq_ws *w)
 }
 
 /* tr(W H W^T), using E/EH as scratch. */
-static double aq_ref_norm(const stage_qprob *p, aq_ws *w)
+double stage_aq_ref_norm(const stage_qprob *p, stage_aq_ws *w)
 {
     gemm_h(w->EH, p->W, p->H, p->d_out, p->d_pad);
     return rows_dot(p->W, w->EH, p->d_out, p->d_pad, w->rowdot);
@@ -231,14 +219,14 @@ lv_status stage_aqlm_objective(const float *W, const float *H, const stage_aqlm_
 {
     lv_status st = LV_OK;
     stage_qprob p = {0};
-    aq_ws w = {0};
+    stage_aq_ws w = {0};
     if (!L || !obj) LV_FAIL(LV_ERR_INVALID_ARG, "aqlm: objective needs L and obj");
     LV_TRY(stage_qprob_init(&p, W, H, L->d_out, L->d_in, L->g));
     LV_TRY(stage_qprob_check_layer(&p, L));
-    LV_TRY(aq_ws_init(&w, &p, L, 0, 0));
-    *obj = aq_eval(&p, L, &w);
+    LV_TRY(stage_aq_ws_init(&w, &p, L, 0, 0));
+    *obj = stage_aq_eval(&p, L, &w);
 done:
-    aq_ws_free(&w);
+    stage_aq_ws_free(&w);
     stage_qprob_free(&p);
     return st;
 }
@@ -247,10 +235,10 @@ done:
 
 /* s_r = (w_r H q_r^T) / (q_r H q_r^T), each row's exact minimiser; reverted as
  * a whole if the objective rose through rounding. Uses Q/E/EH. */
-static lv_status aq_update_scales(const stage_qprob *p, stage_aqlm_layer *L, aq_ws *w)
+lv_status stage_aq_update_scales(const stage_qprob *p, stage_aqlm_layer *L, stage_aq_ws *w)
 {
     const int64_t dp = p->d_pad;
-    double before = aq_eval(p, L, w);
+    double before = stage_aq_eval(p, L, w);
     memcpy(w->bestS, L->scales, (size_t)p->d_out * sizeof(float));
     gemm_h(w->EH, w->Q, p->H, p->d_out, dp); /* EH <- Q H */
 #pragma omp parallel for schedule(static)
@@ -262,7 +250,7 @@ static lv_status aq_update_scales(const stage_qprob *p, stage_aqlm_layer *L, aq_
         }
         if (den > 0.0 && isfinite(num / den)) L->scales[r] = (float)(num / den);
     }
-    double after = aq_eval(p, L, w);
+    double after = stage_aq_eval(p, L, w);
     if (!(after <= before)) memcpy(L->scales, w->bestS, (size_t)p->d_out * sizeof(float));
     return LV_OK;
 }
@@ -271,35 +259,64 @@ lv_status stage_aqlm_update_scales(const float *W, const float *H, stage_aqlm_la
 {
     lv_status st = LV_OK;
     stage_qprob p = {0};
-    aq_ws w = {0};
+    stage_aq_ws w = {0};
     if (!L) LV_FAIL(LV_ERR_INVALID_ARG, "aqlm: update_scales needs L");
     LV_TRY(stage_qprob_init(&p, W, H, L->d_out, L->d_in, L->g));
     LV_TRY(stage_qprob_check_layer(&p, L));
-    LV_TRY(aq_ws_init(&w, &p, L, 0, 0));
-    LV_TRY(aq_update_scales(&p, L, &w));
+    LV_TRY(stage_aq_ws_init(&w, &p, L, 0, 0));
+    LV_TRY(stage_aq_update_scales(&p, L, &w));
 done:
-    aq_ws_free(&w);
+    stage_aq_ws_free(&w);
     stage_qprob_free(&p);
     return st;
 }
 
+/* ---------------------------------------------------------------- sets of layers */
+
+double stage_aq_set_eval(stage_aq_set *s)
+{
+    double obj = 0.0;
+    for (int i = 0; i < s->n; i++) {
+        double o = stage_aq_eval(&s->p[i], &s->L[i], &s->w[i]);
+        obj += s->alpha ? s->alpha[i] * o : o;
+    }
+    return obj;
+}
+
+void stage_aq_set_broadcast(const stage_aq_set *s)
+{
+    for (int i = 0; i < s->n; i++)
+        if (s->L[i].codebooks != s->C)
+            memcpy(s->L[i].codebooks, s->C, (size_t)s->N * sizeof(float));
+}
+
+/* The set of one layer, its codebook state in its own workspace. */
+static void aq_set_single(stage_aq_set *s, const stage_qprob *p, stage_aqlm_layer *L,
+                          stage_aq_ws *w)
+{
+    memset(s, 0, sizeof *s);
+    *s = (stage_aq_set){.n = 1, .p = p, .L = L, .w = w, .K = w->K, .N = w->N,
+                        .C = L->codebooks, .gC = w->gC, .vC = w->vC, .vmC = w->vmC,
+                        .bestC = w->bestC, .A = w->A, .b = w->b};
+}
+
 /* ---------------------------------------------------------------- Adam */
 
-/* Gradients of the objective from EH (= E H): dObj/dWhat = -2 E H.
- * gC[m, k, :] = sum over (r, i) with code k of s_r * G[r, group i] (serial: fixed
- * order); gS[r] = <G[r], Q[r]>. */
-static void aq_grads(const stage_qprob *p, const stage_aqlm_layer *L, aq_ws *w)
+/* Gradients of alpha * objective from EH (= E H): dObj/dWhat = -2 E H.
+ * gC[m, k, :] += sum over (r, i) with code k of alpha * s_r * G[r, group i]
+ * (serial: fixed order, layers in set order); w->gS[r] = alpha * <G[r], Q[r]>. */
+static void aq_grads(const stage_qprob *p, const stage_aqlm_layer *L, stage_aq_ws *w,
+                     double alpha, double *gC)
 {
     const int64_t dp = p->d_pad, G = p->n_groups;
     const int M = L->M, g = L->g;
-    memset(w->gC, 0, (size_t)w->N * sizeof(double));
     for (int64_t r = 0; r < p->d_out; r++) {
         const double s = L->scales[r];
         for (int64_t i = 0; i < G; i++) {
             const float *ehi = w->EH + r * dp + i * g;
             for (int m = 0; m < M; m++) {
-                double *gc = w->gC + ((int64_t)m * w->K + L->codes[(r * G + i) * M + m]) * g;
-                for (int a = 0; a < g; a++) gc[a] += -2.0 * s * ehi[a];
+                double *gc = gC + ((int64_t)m * w->K + L->codes[(r * G + i) * M + m]) * g;
+                for (int a = 0; a < g; a++) gc[a] += alpha * (-2.0 * s * ehi[a]);
             }
         }
     }
@@ -307,7 +324,7 @@ static void aq_grads(const stage_qprob *p, const stage_aqlm_layer *L, aq_ws *w)
     for (int64_t r = 0; r < p->d_out; r++) {
         double acc = 0.0;
         for (int64_t j = 0; j < dp; j++) acc += (double)w->EH[r * dp + j] * w->Q[r * dp + j];
-        w->gS[r] = -2.0 * acc;
+        w->gS[r] = alpha * (-2.0 * acc);
     }
 }
 
@@ -322,59 +339,75 @@ static void adam_apply(float *x, const double *grad, double *v, double *vmax, in
     }
 }
 
-/* steps Adam updates of codebooks (and scales unless fixed); keeps the best
- * parameters seen, the starting ones included. */
-static lv_status aq_adam(const stage_qprob *p, stage_aqlm_layer *L, aq_ws *w, double lr,
-                         int steps, int fix_scales)
+static void aq_set_save_best(stage_aq_set *s)
 {
-    double best = DBL_MAX, mean_s = 0.0;
-    for (int64_t r = 0; r < p->d_out; r++) mean_s += fabs((double)L->scales[r]);
-    mean_s /= (double)p->d_out;
+    memcpy(s->bestC, s->C, (size_t)s->N * sizeof(float));
+    for (int i = 0; i < s->n; i++)
+        memcpy(s->w[i].bestS, s->L[i].scales, (size_t)s->p[i].d_out * sizeof(float));
+}
+
+/* steps Adam updates of the shared codebooks (and every layer's scales unless
+ * fixed) on the joint objective; keeps the best parameters seen, the starting
+ * ones included. */
+static lv_status aq_set_adam(stage_aq_set *s, double lr, int steps, int fix_scales)
+{
+    double best = DBL_MAX;
+    for (int i = 0; i < s->n; i++) {
+        double mean_s = 0.0;
+        for (int64_t r = 0; r < s->p[i].d_out; r++) mean_s += fabs((double)s->L[i].scales[r]);
+        s->w[i].mean_s = mean_s / (double)s->p[i].d_out;
+    }
     for (int t = 0; t <= steps; t++) {
-        double obj = aq_eval(p, L, w);
+        double obj = stage_aq_set_eval(s);
         if (obj < best) {
             best = obj;
-            memcpy(w->bestC, L->codebooks, (size_t)w->N * sizeof(float));
-            memcpy(w->bestS, L->scales, (size_t)p->d_out * sizeof(float));
+            aq_set_save_best(s);
         }
         if (t == steps || !isfinite(obj)) break;
-        aq_grads(p, L, w);
-        w->adam_t++;
-        double bc2 = 1.0 - pow(AQ_ADAM_BETA2, (double)w->adam_t);
-        adam_apply(L->codebooks, w->gC, w->vC, w->vmC, w->N, lr, bc2);
+        memset(s->gC, 0, (size_t)s->N * sizeof(double));
+        for (int i = 0; i < s->n; i++)
+            aq_grads(&s->p[i], &s->L[i], &s->w[i], s->alpha ? s->alpha[i] : 1.0, s->gC);
+        s->adam_t++;
+        double bc2 = 1.0 - pow(AQ_ADAM_BETA2, (double)s->adam_t);
+        adam_apply(s->C, s->gC, s->vC, s->vmC, s->N, lr, bc2);
+        stage_aq_set_broadcast(s);
         /* scales live in weight units: step relative to their mean size */
-        if (!fix_scales) adam_apply(L->scales, w->gS, w->vS, w->vmS, p->d_out, lr * mean_s, bc2);
+        for (int i = 0; i < s->n && !fix_scales; i++)
+            adam_apply(s->L[i].scales, s->w[i].gS, s->w[i].vS, s->w[i].vmS, s->p[i].d_out,
+                       lr * s->w[i].mean_s, bc2);
     }
-    memcpy(L->codebooks, w->bestC, (size_t)w->N * sizeof(float));
-    memcpy(L->scales, w->bestS, (size_t)p->d_out * sizeof(float));
+    memcpy(s->C, s->bestC, (size_t)s->N * sizeof(float));
+    stage_aq_set_broadcast(s);
+    for (int i = 0; i < s->n; i++)
+        memcpy(s->L[i].scales, s->w[i].bestS, (size_t)s->p[i].d_out * sizeof(float));
     return best < DBL_MAX ? LV_OK : LV_ERR_NUMERIC;
 }
 
 /* ---------------------------------------------------------------- least squares */
 
-/* Normal equations of the objective in the codebook entries (codes, scales
- * fixed): A[(m,k,a), (m',k',b)] = sum_r s_r^2 sum_{i,j: codes} H[ig+a, jg+b],
- * b[(m,k,a)] = sum_r s_r sum_i (W H)[r, ig+a]. Serial: fixed summation order. */
-static void aq_lstsq_build(const stage_qprob *p, const stage_aqlm_layer *L, aq_ws *w)
+/* Adds alpha times the normal equations of one layer's objective in the
+ * codebook entries (codes, scales fixed) to A (N, N) and b (N):
+ * A[(m,k,a), (m',k',b)] += alpha sum_r s_r^2 sum_{i,j: codes} H[ig+a, jg+b],
+ * b[(m,k,a)] += alpha sum_r s_r sum_i (W H)[r, ig+a]. Serial: fixed summation order. */
+static void aq_lstsq_accum(const stage_qprob *p, const stage_aqlm_layer *L, stage_aq_ws *w,
+                           double alpha, double *A, double *b)
 {
     const int64_t dp = p->d_pad, G = p->n_groups, N = w->N;
     const int M = L->M, g = L->g;
-    memset(w->A, 0, (size_t)(N * N) * sizeof(double));
-    memset(w->b, 0, (size_t)N * sizeof(double));
     gemm_h(w->EH, p->W, p->H, p->d_out, dp); /* EH <- W H */
     for (int64_t r = 0; r < p->d_out; r++) {
-        const double s = L->scales[r], s2 = s * s;
+        const double s = alpha * L->scales[r], s2 = s * L->scales[r];
         const uint16_t *cr = L->codes + r * G * M;
         for (int64_t i = 0; i < G; i++)
             for (int m = 0; m < M; m++) {
                 int64_t pi = ((int64_t)m * w->K + cr[i * M + m]) * g;
-                for (int a = 0; a < g; a++) w->b[pi + a] += s * w->EH[r * dp + i * g + a];
+                for (int a = 0; a < g; a++) b[pi + a] += s * w->EH[r * dp + i * g + a];
                 for (int64_t j = 0; j < G; j++)
                     for (int m2 = 0; m2 < M; m2++) {
                         int64_t pj = ((int64_t)m2 * w->K + cr[j * M + m2]) * g;
                         for (int a = 0; a < g; a++) {
                             const float *hrow = p->H + (i * g + a) * dp + j * g;
-                            double *arow = w->A + (pi + a) * N + pj;
+                            double *arow = A + (pi + a) * N + pj;
                             for (int c = 0; c < g; c++) arow[c] += s2 * hrow[c];
                         }
                     }
@@ -382,43 +415,52 @@ static void aq_lstsq_build(const stage_qprob *p, const stage_aqlm_layer *L, aq_w
     }
 }
 
-static lv_status aq_lstsq(const stage_qprob *p, stage_aqlm_layer *L, aq_ws *w)
+static lv_status aq_set_lstsq(stage_aq_set *s)
 {
     lv_status st = LV_OK;
-    const int64_t N = w->N;
-    double before = aq_eval(p, L, w);
-    memcpy(w->bestC, L->codebooks, (size_t)N * sizeof(float));
-    aq_lstsq_build(p, L, w);
+    const int64_t N = s->N;
+    if (!s->A || !s->b) LV_FAIL(LV_ERR_INVALID_ARG, "aqlm: least squares without workspace");
+    double before = stage_aq_set_eval(s);
+    memcpy(s->bestC, s->C, (size_t)N * sizeof(float));
+    memset(s->A, 0, (size_t)(N * N) * sizeof(double));
+    memset(s->b, 0, (size_t)N * sizeof(double));
+    for (int i = 0; i < s->n; i++)
+        aq_lstsq_accum(&s->p[i], &s->L[i], &s->w[i], s->alpha ? s->alpha[i] : 1.0, s->A, s->b);
     /* Ridge towards the current codebooks: unused entries (zero rows of A) stay
      * put and collinear ones stay solvable; lambda is tiny against the data. */
     double tr = 0.0;
-    for (int64_t t = 0; t < N; t++) tr += w->A[t * N + t];
+    for (int64_t t = 0; t < N; t++) tr += s->A[t * N + t];
     double lam = 1e-10 * (tr > 0.0 ? tr / (double)N : 1.0) + 1e-300;
     for (int64_t t = 0; t < N; t++) {
-        w->A[t * N + t] += lam;
-        w->b[t] += lam * (double)L->codebooks[t];
+        s->A[t * N + t] += lam;
+        s->b[t] += lam * (double)s->C[t];
     }
     int n = (int)N, nrhs = 1, info = 0;
-    dposv_("L", &n, &nrhs, w->A, &n, w->b, &n, &info);
+    dposv_("L", &n, &nrhs, s->A, &n, s->b, &n, &info);
     if (info != 0) LV_FAIL(LV_ERR_NUMERIC, "aqlm: least-squares solve failed (dposv info %d)", info);
-    for (int64_t t = 0; t < N; t++) L->codebooks[t] = (float)w->b[t];
-    double after = aq_eval(p, L, w);
-    if (!(after <= before)) memcpy(L->codebooks, w->bestC, (size_t)N * sizeof(float));
+    for (int64_t t = 0; t < N; t++) s->C[t] = (float)s->b[t];
+    stage_aq_set_broadcast(s);
+    double after = stage_aq_set_eval(s);
+    if (!(after <= before)) {
+        memcpy(s->C, s->bestC, (size_t)N * sizeof(float));
+        stage_aq_set_broadcast(s);
+    }
 done:
     return st;
 }
 
-static lv_status aq_update_codebooks(const stage_qprob *p, stage_aqlm_layer *L, aq_ws *w,
-                                     const stage_aqlm_config *cfg)
+lv_status stage_aq_set_update_codebooks(stage_aq_set *s, const stage_aqlm_config *cfg)
 {
     lv_status st = LV_OK;
     if (cfg->codebook_update == STAGE_AQLM_LSTSQ) {
-        LV_TRY(aq_lstsq(p, L, w));
-        if (!cfg->no_scale_update) LV_TRY(aq_update_scales(p, L, w));
+        LV_TRY(aq_set_lstsq(s));
+        /* each layer's refit lowers its own term, so the joint objective too */
+        for (int i = 0; i < s->n && !cfg->no_scale_update; i++)
+            LV_TRY(stage_aq_update_scales(&s->p[i], &s->L[i], &s->w[i]));
     } else if (cfg->codebook_update == STAGE_AQLM_ADAM) {
         double lr = cfg->adam_lr > 0.0f ? cfg->adam_lr : 1e-3;
         int steps = cfg->adam_steps > 0 ? cfg->adam_steps : 100;
-        LV_TRY(aq_adam(p, L, w, lr, steps, cfg->no_scale_update));
+        LV_TRY(aq_set_adam(s, lr, steps, cfg->no_scale_update));
     } else {
         LV_FAIL(LV_ERR_INVALID_ARG, "aqlm: unknown codebook_update %d", (int)cfg->codebook_update);
     }
@@ -431,15 +473,17 @@ lv_status stage_aqlm_update_codebooks(const float *W, const float *H, stage_aqlm
 {
     lv_status st = LV_OK;
     stage_qprob p = {0};
-    aq_ws w = {0};
+    stage_aq_ws w = {0};
+    stage_aq_set set;
     if (!L || !cfg) LV_FAIL(LV_ERR_INVALID_ARG, "aqlm: update_codebooks needs L and cfg");
     LV_TRY(stage_qprob_init(&p, W, H, L->d_out, L->d_in, L->g));
     LV_TRY(stage_qprob_check_layer(&p, L));
-    int need = cfg->codebook_update == STAGE_AQLM_LSTSQ ? AQ_NEED_LSTSQ : AQ_NEED_ADAM;
-    LV_TRY(aq_ws_init(&w, &p, L, need, 0));
-    LV_TRY(aq_update_codebooks(&p, L, &w, cfg));
+    int need = cfg->codebook_update == STAGE_AQLM_LSTSQ ? STAGE_AQ_NEED_LSTSQ : STAGE_AQ_NEED_ADAM;
+    LV_TRY(stage_aq_ws_init(&w, &p, L, need, 0));
+    aq_set_single(&set, &p, L, &w);
+    LV_TRY(stage_aq_set_update_codebooks(&set, cfg));
 done:
-    aq_ws_free(&w);
+    stage_aq_ws_free(&w);
     stage_qprob_free(&p);
     return st;
 }
@@ -559,7 +603,7 @@ static void aq_beam_advance(const stage_qprob *p, const float *cb, aq_beam_scrat
 }
 
 /* Beam search over one row's codes; returns candidate scores computed. */
-static int64_t aq_beam_row(const stage_qprob *p, stage_aqlm_layer *L, const aq_ws *w,
+static int64_t aq_beam_row(const stage_qprob *p, stage_aqlm_layer *L, const stage_aq_ws *w,
                            aq_beam_scratch *sc, int64_t r, const int64_t *gperm,
                            const int *mperm)
 {
@@ -598,7 +642,7 @@ static int64_t aq_beam_row(const stage_qprob *p, stage_aqlm_layer *L, const aq_w
     return n_cand;
 }
 
-static lv_status aq_beam(const stage_qprob *p, stage_aqlm_layer *L, aq_ws *w, uint64_t seed,
+lv_status stage_aq_beam(const stage_qprob *p, stage_aqlm_layer *L, stage_aq_ws *w, uint64_t seed,
                          int64_t *n_candidates)
 {
     lv_status st = LV_OK;
@@ -643,21 +687,21 @@ lv_status stage_aqlm_beam_search(const float *W, const float *H, stage_aqlm_laye
 {
     lv_status st = LV_OK;
     stage_qprob p = {0};
-    aq_ws w = {0};
+    stage_aq_ws w = {0};
     if (!L) LV_FAIL(LV_ERR_INVALID_ARG, "aqlm: beam_search needs L");
     LV_TRY(stage_qprob_init(&p, W, H, L->d_out, L->d_in, L->g));
     LV_TRY(stage_qprob_check_layer(&p, L));
-    LV_TRY(aq_ws_init(&w, &p, L, AQ_NEED_BEAM, beam_size));
-    LV_TRY(aq_beam(&p, L, &w, seed, n_candidates));
+    LV_TRY(stage_aq_ws_init(&w, &p, L, STAGE_AQ_NEED_BEAM, beam_size));
+    LV_TRY(stage_aq_beam(&p, L, &w, seed, n_candidates));
 done:
-    aq_ws_free(&w);
+    stage_aq_ws_free(&w);
     stage_qprob_free(&p);
     return st;
 }
 
 /* ---------------------------------------------------------------- the stage */
 
-static lv_status aq_check_config(const stage_aqlm_config *cfg)
+lv_status stage_aq_check_config(const stage_aqlm_config *cfg)
 {
     lv_status st = LV_OK;
     if (!cfg) LV_FAIL(LV_ERR_INVALID_ARG, "aqlm: config is NULL");
@@ -671,58 +715,11 @@ done:
     return st;
 }
 
+/* One layer is the set of one: stage_aqlm_run_shared (aqlm_shared.c) with
+ * n = 1 and weight 1 is exactly the per-matrix algorithm. */
 lv_status stage_aqlm_run(const float *W, const float *H, int64_t d_out, int64_t d_in,
                          const stage_aqlm_config *cfg, stage_aqlm_layer *out,
                          stage_aqlm_stats *stats)
 {
-    lv_status st = LV_OK;
-    stage_qprob p = {0};
-    aq_ws w = {0};
-    stage_aqlm_stats sx = {0};
-    double t0 = lv_now(), t1;
-    LV_TRY(aq_check_config(cfg));
-    if (!out) LV_FAIL(LV_ERR_INVALID_ARG, "aqlm: out is NULL");
-    const int beam = cfg->beam_size > 0 ? cfg->beam_size : 8;
-    const int iters = cfg->max_iters > 0 ? cfg->max_iters : 10;
-    LV_TRY(stage_qprob_init(&p, W, H, d_out, d_in, cfg->group_size));
-    LV_TRY(lv_aq_layer_init(out, d_out, d_in, cfg->n_codebooks, cfg->nbits,
-                                 cfg->group_size));
-    int need = AQ_NEED_BEAM |
-               (cfg->codebook_update == STAGE_AQLM_LSTSQ ? AQ_NEED_LSTSQ : AQ_NEED_ADAM);
-    LV_TRY(aq_ws_init(&w, &p, out, need, beam));
-    const stage_vq_config vc = {.n_codebooks = cfg->n_codebooks, .nbits = cfg->nbits,
-                                .group_size = cfg->group_size,
-                                .kmeans_iters = cfg->kmeans_iters, .use_hessian = 1,
-                                .seed = cfg->seed};
-    LV_TRY(stage_vq_init_prob(&p, &vc, out));
-    const double ref = aq_ref_norm(&p, &w);
-    if (!(ref > 0.0)) LV_FAIL(LV_ERR_NUMERIC, "aqlm: tr(W H W^T) = %g is not positive", ref);
-    double prev = aq_eval(&p, out, &w) / ref;
-    sx.rel_err_init = prev;
-    sx.init_s = lv_now() - t0;
-    for (int it = 0; it < iters; it++) {
-        t1 = lv_now();
-        LV_TRY(aq_update_codebooks(&p, out, &w, cfg));
-        sx.update_s += lv_now() - t1;
-        t1 = lv_now();
-        LV_TRY(aq_beam(&p, out, &w, cfg->seed + 0x5851F42D4C957F2Dull * (uint64_t)(it + 1),
-                       &sx.n_candidates));
-        sx.beam_s += lv_now() - t1;
-        double cur = aq_eval(&p, out, &w) / ref;
-        if (it < STAGE_AQLM_MAX_HIST) sx.rel_err[it] = cur;
-        sx.iters = it + 1;
-        if (cfg->verbose)
-            lv_log("aqlm %lldx%lld %dx%dg%d: iter %d rel err %.6f", (long long)d_out,
-                   (long long)d_in, cfg->n_codebooks, cfg->nbits, cfg->group_size, it + 1, cur);
-        if (!isfinite(cur)) LV_FAIL(LV_ERR_NUMERIC, "aqlm: objective became %g", cur);
-        int stop = prev > 0.0 && (prev - cur) < cfg->rel_tol * prev;
-        prev = cur;
-        if (stop || cur == 0.0) break;
-    }
-    sx.wall_s = lv_now() - t0;
-    if (stats) *stats = sx;
-done:
-    aq_ws_free(&w);
-    stage_qprob_free(&p);
-    return st;
+    return stage_aqlm_run_shared(1, &W, &H, &d_out, &d_in, cfg, out, stats);
 }

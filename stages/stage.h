@@ -212,4 +212,126 @@ lv_status stage_calib_block(const lv_model *m, int layer, float *x, int64_t n_se
 /* out (d, d) float = H / n_rows. */
 lv_status stage_hessian_to_f32(const double *H, int64_t d, int64_t n_rows, float *out);
 
+/* ========================================================================
+ * Block fine-tuning (stages/finetune.c, stages/finetune_grad.c; docs/finetune.md).
+ * Codes fixed; Adam trains codebooks, per-row scales and the two RMSNorm
+ * weights of a quantized block so that its outputs match the FP block's.
+ * Host memory, synchronous, not collective. Same inputs + seed give
+ * bit-identical results (our loops fix every reduction order; OpenBLAS's
+ * GEMMs are deterministic for a fixed thread count).
+ * ====================================================================== */
+
+/* Zero fields take the default named in brackets. */
+typedef struct {
+    float lr;            /* Adam learning rate [1e-3] (codebooks ~1, scales ~ row RMS) */
+    float beta1, beta2;  /* Adam betas [0.9, 0.95] (AQLM main.py's defaults); eps 1e-8 */
+    int max_epochs;      /* passes over the training sequences [10] */
+    int batch_seqs;      /* sequences per Adam step = per saved micro-batch [8] */
+    int patience;        /* stop after this many epochs without held-out improvement [3] */
+    double holdout_frac; /* held out: the last ceil(frac * n_seq) sequences, >= 1 [0.1] */
+    uint64_t seed;       /* order of the training sequences in each epoch */
+    int freeze_norms;    /* 1: keep the RMSNorm weights, train codebooks + scales only */
+    int verbose;         /* lv_log per epoch */
+} stage_ft_config;
+
+typedef struct {
+    double mse_before, mse_after; /* held-out relative MSE sum (y - y_fp)^2 / sum y_fp^2 */
+    double train_loss;            /* mean training MSE (the loss) over the last epoch */
+    int epochs, best_epoch;       /* epochs run; epoch whose parameters were kept (0: input) */
+    int diverged;                 /* 1: a non-finite loss stopped training early */
+    int64_t n_train, n_holdout, steps;
+    double wall_s;
+} stage_ft_stats;
+
+/* Fine-tune block b in place. x_in (n_seq, T, dim): the block's calibration
+ * inputs; y_fp (n_seq, T, dim): the FP block's outputs on them (both borrowed).
+ * The last sequences are held out (with n_seq == 1 the one sequence serves as
+ * both). b keeps the parameters of the best held-out epoch: never worse than
+ * it came in (unchanged when no epoch improved, also on error). ft may be
+ * NULL (all defaults), stats may be NULL. b->block_mse is not touched. */
+lv_status stage_finetune_block(const lv_model_config *cfg, lv_qblock *b, const float *x_in,
+                               const float *y_fp, int64_t n_seq, int T,
+                               const stage_ft_config *ft, stage_ft_stats *stats);
+
+/* The pieces, for tests and for PV-tuning: forward + backward of one block. */
+#define STAGE_FT_N_SEGS (2 * LV_LIN_COUNT + 2)
+
+/* The trainable parameters of b in flat-gradient order: codebooks (M, K, g) and
+ * scales (d_out) of wq, wk, wv, wo, w1, w2, w3, then attn_norm and ffn_norm (dim).
+ * seg[s] points into b, len[s] its length (either may be NULL). Returns the total. */
+int64_t stage_ft_param_segments(const lv_model_config *cfg, lv_qblock *b, float **seg,
+                                int64_t *len);
+
+/* Workspace for batches of up to B sequences of exactly T tokens of blocks
+ * shaped like b: dequantized weights + saved activations (~(12 dim + 2 kv_dim
+ * + 5 hidden) * B*T floats + the 7 weight matrices). Caller frees. */
+typedef struct stage_ft_ws stage_ft_ws;
+lv_status stage_ft_ws_init(stage_ft_ws **ws, const lv_model_config *cfg, const lv_qblock *b,
+                           int B, int T);
+void stage_ft_ws_free(stage_ft_ws *ws);
+
+/* y (B, T, dim) = block b applied to x (B, T, dim): kern_block_forward's op
+ * sequence on the dequantized weights (same floats). */
+lv_status stage_ft_block_forward(stage_ft_ws *ws, const lv_qblock *b, const float *x, int B,
+                                 int T, float *y);
+
+/* *loss = mean over (B, T, dim) of (block(x) - y_fp)^2 and grad (flat, in
+ * stage_ft_param_segments order, overwritten) its gradient. */
+lv_status stage_ft_block_grad(stage_ft_ws *ws, const lv_qblock *b, const float *x,
+                              const float *y_fp, int B, int T, double *loss, float *grad);
+/* ---------------- end of block fine-tuning ---------------- */
+
+/* ========================================================================
+ * AQLM with codebooks shared by a set of layers (stages/aqlm_shared.c).
+ * On small models per-matrix codebooks cost more bits than the codes
+ * (stories260K 1x8g4: 2.0 bits of codes + 2.5 of codebooks); one codebook set
+ * for many linears costs a fraction of a bit. See docs/quant-numerics.md.
+ *
+ * Inputs per layer i (n_layers of them): W[i] (d_out[i], d_in[i]) and H[i]
+ * (d_in[i], d_in[i]) float32 row-major, as for stage_aqlm_run (padding rule
+ * included). The layers may differ in shape; M, nbits and g are common.
+ * Host memory, synchronous, not collective; same inputs + seed give
+ * bit-identical results for any OMP_NUM_THREADS.
+ * ====================================================================== */
+
+/* AQLM on n_layers layers sharing one codebook tensor (M, 2^nbits, g), each
+ * with its own codes and per-row scales. Minimises the joint objective
+ *   J = sum_i alpha_i tr((W_i - What_i) H_i (W_i - What_i)^T),
+ * alpha_i = mean_j(r_j) / r_i, r_i = tr(W_i H_i W_i^T): every layer's relative
+ * error counts equally (J / sum_i alpha_i r_i is the mean relative error).
+ * Init: pooled Hessian-weighted residual k-means over the scaled sub-vectors of
+ * all layers; then alternate joint codebook update (Adam on J, or least squares
+ * with normal equations summed over layers) + per-layer scale refit, and
+ * per-layer beam search, until cfg->rel_tol or cfg->max_iters; J never
+ * increases. out (n_layers) must be zeroed; afterwards every out[i].codebooks
+ * holds an identical copy of the shared codebooks (so each layer stays
+ * self-contained); the caller frees every out[i] (also on failure). stats
+ * (may be NULL): rel_err* are J / sum_i alpha_i r_i, times are for the set.
+ * With n_layers = 1 this is stage_aqlm_run. */
+lv_status stage_aqlm_run_shared(int n_layers, const float *const *W, const float *const *H,
+                                const int64_t *d_out, const int64_t *d_in,
+                                const stage_aqlm_config *cfg, lv_aq_layer *out,
+                                stage_aqlm_stats *stats);
+
+/* As stage_aqlm_run_shared with explicit objective weights alpha_i = weight[i]
+ * (n_layers, each finite and > 0); weight NULL = the default above. E.g.
+ * weight[i] = d_in[i] / tr(H_i) weighs absolute errors with each H_i scaled
+ * to unit mean diagonal. */
+lv_status stage_aqlm_run_shared_weighted(int n_layers, const float *const *W,
+                                         const float *const *H, const int64_t *d_out,
+                                         const int64_t *d_in, const double *weight,
+                                         const stage_aqlm_config *cfg, lv_aq_layer *out,
+                                         stage_aqlm_stats *stats);
+
+/* The init of stage_aqlm_run_shared_weighted alone (pooled VQ, shared
+ * codebooks; cfg->kmeans_iters, seed, M, nbits, g are used). Same ownership rules. */
+lv_status stage_vq_run_shared(int n_layers, const float *const *W, const float *const *H,
+                              const int64_t *d_out, const int64_t *d_in, const double *weight,
+                              const stage_aqlm_config *cfg, lv_aq_layer *out);
+
+/* Storage cost per weight of a set sharing one codebook tensor: (codes of all
+ * layers + ONE copy of codebooks M*2^nbits*g*16 + scales 16 per row) / (all
+ * weights). 0 when n < 1 or the layers differ in M, nbits or g. */
+double stage_aqlm_bits_per_weight_shared(int n, const lv_aq_layer *layers);
+
 #endif

@@ -33,4 +33,84 @@ lv_status stage_qprob_check_layer(const stage_qprob *p, const stage_aqlm_layer *
 lv_status stage_vq_init_prob(const stage_qprob *p, const stage_vq_config *cfg,
                              stage_aqlm_layer *L);
 
+/* Per-row scales (scales (d_out)) = RMS of the padded rows; 1 for a zero row. */
+void stage_vq_row_scales(const stage_qprob *p, float *scales);
+
+/* Pooled VQ init of n problems into one codebook set: row scales of every
+ * layer, then (residual) weighted k-means over the scaled sub-vectors of all
+ * layers in layer order; layer i's coordinate weights are multiplied by
+ * alpha[i] (NULL: 1). Codebooks (M, 2^nbits, g) go to C (may be
+ * L[0].codebooks when n == 1); codes and scales to each L[i]. With n == 1 and
+ * alpha 1 this is stage_vq_init_prob exactly. */
+lv_status stage_vq_init_set(int n, const stage_qprob *p, const double *alpha,
+                            const stage_vq_config *cfg, stage_aqlm_layer *L, float *C);
+
+/* ---------------------------------------------------------------- AQLM internals
+ * (aqlm.c; aqlm_shared.c drives them for sets of layers sharing codebooks) */
+
+enum {
+    STAGE_AQ_NEED_ADAM = 1,  /* per-row scale Adam state (+ codebook state, see below) */
+    STAGE_AQ_NEED_BEAM = 2,  /* beam-search scratch, one block per OpenMP thread */
+    STAGE_AQ_NEED_LSTSQ = 4, /* dense normal equations (N, N) */
+    STAGE_AQ_LAYER_ONLY = 8, /* skip codebook-sized buffers (bestC, gC/vC/vmC, A/b): a
+                                shared set keeps one copy of those (stage_aq_set) */
+};
+
+/* Workspace of one layer, allocated once per public call. */
+typedef struct {
+    int64_t K, N;             /* codebook entries, codebook parameters M*K*g */
+    float *Q, *E, *EH;        /* (d_out, d_pad): unscaled reconstruction, W - What, E H */
+    double *rowdot;           /* (d_out) */
+    double *gC, *vC, *vmC;    /* (N) codebook gradient and Adam moments */
+    double *gS, *vS, *vmS;    /* (d_out) scale gradient and Adam moments */
+    float *bestC, *bestS;     /* (N), (d_out) */
+    double mean_s;            /* mean |scale| at the start of an Adam phase */
+    double *cnorm;            /* (n_groups, M, K): c^T H_ii c */
+    unsigned char *beam;      /* n_threads * beam_bytes */
+    size_t beam_bytes;
+    int n_threads, beam_size;
+    double *A, *b;            /* (N, N), (N) */
+} stage_aq_ws;
+
+lv_status stage_aq_ws_init(stage_aq_ws *w, const stage_qprob *p, const stage_aqlm_layer *L,
+                           int need, int beam_size);
+void stage_aq_ws_free(stage_aq_ws *w);
+
+/* Objective tr(E H E^T) of L; leaves Q, E = W - What and EH = E H in w. */
+double stage_aq_eval(const stage_qprob *p, const stage_aqlm_layer *L, stage_aq_ws *w);
+/* tr(W H W^T) (uses E/EH as scratch). */
+double stage_aq_ref_norm(const stage_qprob *p, stage_aq_ws *w);
+/* Closed-form per-row scales; never raises the layer's objective. */
+lv_status stage_aq_update_scales(const stage_qprob *p, stage_aqlm_layer *L, stage_aq_ws *w);
+/* Beam search over L->codes with codebooks and scales fixed (needs STAGE_AQ_NEED_BEAM). */
+lv_status stage_aq_beam(const stage_qprob *p, stage_aqlm_layer *L, stage_aq_ws *w,
+                        uint64_t seed, int64_t *n_candidates);
+lv_status stage_aq_check_config(const stage_aqlm_config *cfg);
+
+/* n layers sharing one codebook tensor C: the joint objective is
+ * sum_i alpha[i] * tr(E_i H_i E_i^T). Every L[i].codebooks holds a copy of C
+ * (or is C itself when n == 1). Codebook-sized state is kept once, here. */
+typedef struct {
+    int n;
+    const stage_qprob *p;     /* (n) borrowed */
+    stage_aqlm_layer *L;      /* (n) borrowed */
+    stage_aq_ws *w;           /* (n) borrowed */
+    const double *alpha;      /* (n) borrowed objective weights; NULL = all 1 */
+    int64_t K, N;
+    float *C;                 /* (N) borrowed: the codebooks (M, K, g) */
+    double *gC, *vC, *vmC;    /* (N) borrowed: joint gradient, Adam moments */
+    float *bestC;             /* (N) borrowed */
+    double *A, *b;            /* (N, N), (N) borrowed; NULL unless LSTSQ */
+    int64_t adam_t;           /* Adam step count, kept across alternations */
+} stage_aq_set;
+
+/* Joint objective (each w[i] is left holding layer i's Q/E/EH). */
+double stage_aq_set_eval(stage_aq_set *s);
+/* Copy C into every L[i].codebooks that is not C itself. */
+void stage_aq_set_broadcast(const stage_aq_set *s);
+/* Joint codebook update per cfg (Adam on C with per-layer scales, or least
+ * squares with normal equations summed over layers, then per-layer scale
+ * refit). Never raises the joint objective. */
+lv_status stage_aq_set_update_codebooks(stage_aq_set *s, const stage_aqlm_config *cfg);
+
 #endif

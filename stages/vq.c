@@ -206,7 +206,7 @@ done:
 
 /* Per-row scale = RMS of the padded row (so that a problem padded by the caller
  * gives the same result as one padded here); 1 for an all-zero row. */
-static void init_scales(const stage_qprob *p, float *scales)
+void stage_vq_row_scales(const stage_qprob *p, float *scales)
 {
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < p->d_out; r++) {
@@ -218,46 +218,82 @@ static void init_scales(const stage_qprob *p, float *scales)
     }
 }
 
-lv_status stage_vq_init_prob(const stage_qprob *p, const stage_vq_config *cfg,
-                             stage_aqlm_layer *L)
+/* Points x = W / s_r and coordinate weights a * diag(H) * s_r^2 of one layer,
+ * (d_out * n_groups, g) each, at x / wt. */
+static void vq_points(const stage_qprob *p, const float *scales, int use_hessian, double a,
+                      float *x, float *wt)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < p->d_out; r++) {
+        const float s = scales[r];
+        for (int64_t j = 0; j < p->d_pad; j++) {
+            x[r * p->d_pad + j] = p->W[r * p->d_pad + j] / s;
+            double h = use_hessian ? (double)p->H[j * p->d_pad + j] : 1.0;
+            if (j >= p->d_in || !(h > 0.0)) h = 0.0; /* padding and dead inputs weigh 0 */
+            wt[r * p->d_pad + j] = (float)(a * h * (double)s * (double)s);
+        }
+    }
+}
+
+lv_status stage_vq_init_set(int n, const stage_qprob *p, const double *alpha,
+                            const stage_vq_config *cfg, stage_aqlm_layer *L, float *C)
 {
     lv_status st = LV_OK;
     float *x = NULL, *wt = NULL;
     int32_t *idx = NULL;
-    LV_TRY(stage_qprob_check_layer(p, L));
-    const int64_t n = p->d_out * p->n_groups;
-    const int g = p->g, M = L->M, K = 1 << L->nbits;
-    LV_ALLOC(x, n * g);   // (n, g) residual of the scaled weight vectors
-    LV_ALLOC(wt, n * g);  // (n, g) coordinate weights
-    LV_ALLOC(idx, n);
-    init_scales(p, L->scales);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < p->d_out; r++) {
-        const float s = L->scales[r];
-        for (int64_t j = 0; j < p->d_pad; j++) {
-            x[r * p->d_pad + j] = p->W[r * p->d_pad + j] / s;
-            double h = cfg->use_hessian ? (double)p->H[j * p->d_pad + j] : 1.0;
-            if (j >= p->d_in || !(h > 0.0)) h = 0.0; /* padding and dead inputs weigh 0 */
-            wt[r * p->d_pad + j] = (float)(h * (double)s * (double)s);
-        }
+    int64_t n_pts = 0;
+    if (n < 1 || !p || !cfg || !L || !C) LV_FAIL(LV_ERR_INVALID_ARG, "vq: bad set arguments");
+    for (int i = 0; i < n; i++) {
+        LV_TRY(stage_qprob_check_layer(&p[i], &L[i]));
+        if (L[i].M != L[0].M || L[i].nbits != L[0].nbits || L[i].g != L[0].g)
+            LV_FAIL(LV_ERR_INVALID_ARG, "vq: layers of a shared set differ in M/nbits/g");
+        n_pts += p[i].d_out * p[i].n_groups;
+    }
+    const int g = L[0].g, M = L[0].M, K = 1 << L[0].nbits;
+    LV_ALLOC(x, n_pts * g);   // (n_pts, g) residual of the scaled weight vectors
+    LV_ALLOC(wt, n_pts * g);  // (n_pts, g) coordinate weights
+    LV_ALLOC(idx, n_pts);
+    int64_t off = 0;
+    for (int i = 0; i < n; i++) {
+        stage_vq_row_scales(&p[i], L[i].scales);
+        vq_points(&p[i], L[i].scales, cfg->use_hessian, alpha ? alpha[i] : 1.0, x + off * g,
+                  wt + off * g);
+        off += p[i].d_out * p[i].n_groups;
     }
     stage_vq_kmeans_config kc = {
         .k = K, .max_iters = cfg->kmeans_iters > 0 ? cfg->kmeans_iters : 20, .tol = 1e-6};
     for (int m = 0; m < M; m++) {
-        float *cb = L->codebooks + (int64_t)m * K * g; // (K, g)
+        float *cb = C + (int64_t)m * K * g; // (K, g)
         kc.seed = cfg->seed * 0x9E3779B97F4A7C15ull + (uint64_t)m + 1;
-        LV_TRY(stage_vq_kmeans(x, wt, n, g, &kc, cb, idx, NULL, NULL));
+        LV_TRY(stage_vq_kmeans(x, wt, n_pts, g, &kc, cb, idx, NULL, NULL));
+        off = 0;
+        for (int i = 0; i < n; i++) {
+            const int64_t nv = p[i].d_out * p[i].n_groups;
+            uint16_t *codes = L[i].codes;
 #pragma omp parallel for schedule(static)
-        for (int64_t v = 0; v < n; v++) {
-            L->codes[v * M + m] = (uint16_t)idx[v];
-            const float *c = cb + (int64_t)idx[v] * g;
-            for (int a = 0; a < g; a++) x[v * g + a] -= c[a];
+            for (int64_t v = 0; v < nv; v++) {
+                const int64_t gv = off + v;
+                codes[v * M + m] = (uint16_t)idx[gv];
+                const float *c = cb + (int64_t)idx[gv] * g;
+                for (int a = 0; a < g; a++) x[gv * g + a] -= c[a];
+            }
+            off += nv;
         }
     }
 done:
     free(idx);
     free(wt);
     free(x);
+    return st;
+}
+
+lv_status stage_vq_init_prob(const stage_qprob *p, const stage_vq_config *cfg,
+                             stage_aqlm_layer *L)
+{
+    lv_status st = LV_OK;
+    if (!L || !L->codebooks) LV_FAIL(LV_ERR_INVALID_ARG, "quant: layer is not initialised");
+    LV_TRY(stage_vq_init_set(1, p, NULL, cfg, L, L->codebooks));
+done:
     return st;
 }
 

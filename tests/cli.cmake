@@ -1,13 +1,13 @@
 # Shell-level tests of the llmvq program (CLI contract, error messages, golden values).
 llmvq_add_script_test(NAME cli_bad_inputs LABELS cli
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/cli_bad_inputs.sh)
-llmvq_add_script_test(NAME cli_golden LABELS cli
+llmvq_add_script_test(NAME cli_golden LABELS "cli;slow"
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/cli_golden.sh)
-llmvq_add_script_test(NAME quantize_e2e LABELS cli
+llmvq_add_script_test(NAME quantize_e2e LABELS cli ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_e2e.sh)
-llmvq_add_script_test(NAME quantize_ranks LABELS "cli;mpi"
+llmvq_add_script_test(NAME quantize_ranks LABELS "cli;mpi" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_ranks.sh)
-llmvq_add_script_test(NAME quantize_resume LABELS "cli;mpi" TIMEOUT 900
+llmvq_add_script_test(NAME quantize_resume LABELS "cli;mpi;slow" TIMEOUT 900 ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_resume.sh)
-llmvq_add_script_test(NAME quantize_damage LABELS cli
+llmvq_add_script_test(NAME quantize_damage LABELS cli ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_damage.sh)

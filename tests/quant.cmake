@@ -2,3 +2,4 @@
 llmvq_add_test(NAME test_kern_quant SOURCES test_kern_quant.c LABELS unit)
 llmvq_add_test(NAME test_stage_vq SOURCES test_stage_vq.c LABELS unit)
 llmvq_add_test(NAME test_stage_aqlm SOURCES test_stage_aqlm.c LABELS unit)
+llmvq_add_test(NAME test_stage_aqlm_shared SOURCES test_stage_aqlm_shared.c LABELS unit)

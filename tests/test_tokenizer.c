@@ -261,9 +261,9 @@ static void text_vs_reference(const tok_src *s, const char *rel, size_t prefix)
 static void test_text_vs_reference(void **state)
 {
     (void)state;
-    text_vs_reference(&k_tok512, "eval/tinystories/tinystories_val_subset.txt", 6000);
-    text_vs_reference(&k_llama2, "eval/tinystories/tinystories_val_subset.txt", 6000);
-    text_vs_reference(&k_llama2, "eval/wikitext-2-raw/wiki.test.lf.raw", 4000);
+    text_vs_reference(&k_tok512, "eval/tinystories/tinystories_val_subset.txt", 2500);
+    text_vs_reference(&k_llama2, "eval/tinystories/tinystories_val_subset.txt", 2500);
+    text_vs_reference(&k_llama2, "eval/wikitext-2-raw/wiki.test.lf.raw", 2000);
 }
 
 /* Concatenated decode after BOS gives back the text. */
