@@ -26,7 +26,7 @@ struct kern_fwd_ws {
     float *ao;     // (B, T, dim) attention output, before wo
     float *hb;     // (B, T, hidden) gate, then silu(gate) * up
     float *hb2;    // (B, T, hidden) up
-    float *att;    // (n_threads, T) attention scores
+    float *att;    // kern_attention_scratch floats: per-thread score tiles
     float *logits; // (B, T, vocab) or NULL
 };
 

@@ -33,7 +33,8 @@ void kern_rope_ref(float *x, int B, int T, int n_heads, int head_dim, int pos0, 
 
 /* Causal attention with GQA, scale 1/sqrt(head_dim).
  * q (B, T, n_heads*hd), k, v (B, T, n_kv_heads*hd) -> out (B, T, n_heads*hd).
- * Query head h reads KV head h / (n_heads / n_kv_heads).
+ * Query head h reads KV head h / (n_heads / n_kv_heads). out must not overlap q, k, v.
+ * Tiles of 64 queries through sgemm, OpenMP over (tile, sequence, kv head).
  * att: scratch of at least kern_attention_scratch(T, n_heads, omp threads) floats. */
 void kern_attention_ref(float *out, const float *q, const float *k, const float *v, int B,
                         int T, int n_heads, int n_kv_heads, int head_dim, float *att);

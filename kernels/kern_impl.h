@@ -2,8 +2,9 @@
  *
  * - kern_backend_base: every backend's impl struct starts with it, so that
  *   lv_backend_free() can release any backend without knowing which it is.
- * - kern_attn_row_ref: the one-query attention row shared by the batched
- *   reference attention and the KV-cache decoder, so both give identical numerics.
+ * - kern_attn_row_ref: the one-query attention row of the KV-cache decoder and
+ *   of kern_attention_rowwise_ref, the row-at-a-time twin that tests hold the
+ *   GEMM-tiled kern_attention_ref against.
  * - kern_rope_freq_ref: the RoPE frequency as llama2.c run.c computes it (float). */
 #ifndef KERN_IMPL_H
 #define KERN_IMPL_H
@@ -32,6 +33,13 @@ typedef struct kern_backend_base {
  * out, q and att must not overlap each other or k/v (restrict in the definition). */
 void kern_attn_row_ref(float *out, const float *q, const float *k, const float *v,
                        int n_keys, int64_t stride, int hd, float scale, float *att);
+
+/* kern_attention_ref's semantics and arguments, one kern_attn_row_ref call per
+ * (sequence, head, query): the oracle for the tiled version. att needs only
+ * (omp threads, T) floats, less than kern_attention_scratch gives. */
+void kern_attention_rowwise_ref(float *out, const float *q, const float *k, const float *v,
+                                int B, int T, int n_heads, int n_kv_heads, int head_dim,
+                                float *att);
 
 /* Frequency of pair j of a head of size hd: theta^(-2j/hd). The angle is then
  * (float)pos * freq, both in float exactly as run.c does it, so our logits track

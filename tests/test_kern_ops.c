@@ -11,12 +11,16 @@
 
 #include "kern.h"
 #include "kern_check.h"
+#include "kern_impl.h"
 
 /* Tolerances for FP32 ops vs a double reference. */
 #define TOL_F32_ATOL 1e-5
 #define TOL_F32_RTOL 1e-5
 #define TOL_GEMM_ATOL 1e-4 /* sums of a few hundred products */
 #define TOL_ROPE_ATOL 2e-5 /* float angle at pos ~40 vs double angle */
+/* Attention with scores up to ~50: their float rounding (~1e-5 absolute) goes
+ * straight through exp into the weights, whichever way the scores are summed. */
+#define TOL_ATTN_SHARP_ATOL 1e-4
 
 static float *fvec(int64_t n) { return calloc((size_t)n, sizeof(float)); }
 static double *dvec(int64_t n) { return calloc((size_t)n, sizeof(double)); }
@@ -188,6 +192,42 @@ static void test_attention_gqa(void **state)
     free(q), free(k), free(v), free(out), free(att), free(ref);
 }
 
+/* The GEMM-tiled kern_attention_ref against its row-at-a-time twin and the double
+ * loop: several tiles (T = 300 = 4 x 64 + 44), one and several key chunks per
+ * sgemm (hd 8 and 64), every GQA ratio of 8 heads. Sharp scores (q scaled by 16,
+ * score spread ~100) reach the softmax's clamp 87 below the row max. */
+static void test_attention_tiled(void **state)
+{
+    (void)state;
+    const int B = 3, T = 300, H = 8, hds[] = {8, 64}, khs[] = {8, 4, 2, 1};
+    const int64_t nmax = (int64_t)B * T * H * 64;
+    lv_rng r;
+    lv_rng_seed(&r, 20);
+    float *q = fvec(nmax), *k = fvec(nmax), *v = fvec(nmax), *out = fvec(nmax),
+          *row = fvec(nmax);
+    float *att = fvec((int64_t)kern_attention_scratch(T, H, omp_get_max_threads()));
+    double *ref = dvec(nmax);
+    for (int ih = 0; ih < 2; ih++)
+        for (int ik = 0; ik < 4; ik++) {
+            const int hd = hds[ih], KH = khs[ik];
+            const int64_t nq = (int64_t)B * T * H * hd, nk = (int64_t)B * T * KH * hd;
+            const float qscale = ik == 3 ? 16.0f : 1.0f;
+            const double atol = ik == 3 ? TOL_ATTN_SHARP_ATOL : TOL_F32_ATOL;
+            char name[64];
+            kc_fill(&r, q, nq, qscale, 0.0f);
+            kc_fill(&r, k, nk, 1.0f, 0.0f);
+            kc_fill(&r, v, nk, 1.0f, 0.0f);
+            kern_attention_ref(out, q, k, v, B, T, H, KH, hd, att);
+            kern_attention_rowwise_ref(row, q, k, v, B, T, H, KH, hd, att);
+            snprintf(name, sizeof name, "attn tiled/rowwise hd%d %d/%d", hd, H, KH);
+            assert_int_equal(kc_compare_f(name, out, row, nq, atol, 1e-4, ref), 0);
+            attention_naive(ref, q, k, v, B, T, H, KH, hd);
+            snprintf(name, sizeof name, "attn tiled/naive hd%d %d/%d", hd, H, KH);
+            assert_int_equal(kc_compare(name, out, ref, nq, atol, 1e-4), 0);
+        }
+    free(q), free(k), free(v), free(out), free(row), free(att), free(ref);
+}
+
 static void test_swiglu(void **state)
 {
     (void)state;
@@ -281,9 +321,9 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul),        cmocka_unit_test(test_rmsnorm),
         cmocka_unit_test(test_rope_vs_naive), cmocka_unit_test(test_rope_half_equiv),
-        cmocka_unit_test(test_attention_gqa), cmocka_unit_test(test_swiglu),
-        cmocka_unit_test(test_softmax),       cmocka_unit_test(test_xent),
-        cmocka_unit_test(test_embed),
+        cmocka_unit_test(test_attention_gqa), cmocka_unit_test(test_attention_tiled),
+        cmocka_unit_test(test_swiglu),        cmocka_unit_test(test_softmax),
+        cmocka_unit_test(test_xent),          cmocka_unit_test(test_embed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
