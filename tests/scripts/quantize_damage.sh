@@ -9,7 +9,7 @@
 JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
 PY=$(command -v python3)
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-base=("$JOB" --set output.eval_data= --set calibration.nsamples=16)
+base=("$JOB" --set output.eval_data= --set calibration.nsamples=16 --set finetune.max_epochs=2)
 "$LLMVQ_BIN" quantize "${base[@]}" --quiet --set output.dir="$T/ref" >/dev/null 2>&1 || { bad "reference run"; finish; exit 1; }
 "$LLMVQ_BIN" quantize "${base[@]}" --quiet --set run.seed=7 --set output.dir="$T/other" >/dev/null 2>&1 || { bad "other-job run"; finish; exit 1; }
 C=$T/ref/checkpoint

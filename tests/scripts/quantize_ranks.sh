@@ -5,7 +5,7 @@
 : "${LLMVQ_SOURCE_DIR:?}"
 JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-common=(--quiet --set quant.propagation=fp --set output.eval_data= --set calibration.nsamples=16)
+common=(--quiet --set quant.propagation=fp --set output.eval_data= --set calibration.nsamples=16 --set finetune.max_epochs=2)
 "$LLMVQ_BIN" quantize "$JOB" "${common[@]}" --set output.dir="$T/np1" >/dev/null 2>"$T/log1" \
   && ok "1 process" || bad "1 process failed: $(tail -n 3 "$T/log1")"
 for np in 2 3; do

@@ -11,7 +11,7 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 RANDOM=20261124
 cmd_for() { # cmd_for DIR NP: the command line, in the array CMD
   local d=$1 np=$2
-  CMD=("$LLMVQ_BIN" quantize "$JOB" --quiet --set output.eval_data= --set calibration.nsamples=16
+  CMD=("$LLMVQ_BIN" quantize "$JOB" --quiet --set output.eval_data= --set calibration.nsamples=16 --set finetune.max_epochs=2
        --set output.dir="$d")
   if [ "$np" -gt 0 ]; then CMD=(mpirun -np "$np" "${CMD[@]}" --set quant.propagation=fp); fi
 }
