@@ -20,7 +20,7 @@ s = json.load(open(sys.argv[1]))
 print("   bpw_total %.3f ppl_fp %.4f ppl_quant %.4f wall_s %.1f" % (s["bpw_total"], s["ppl_fp"], s["ppl_quant"], s["wall_s"]))
 assert 2.0 < s["bpw_total"] <= 2.5, s["bpw_total"]
 assert abs(s["ppl_fp"] - 4.0653) < 0.001, s["ppl_fp"]  # FP on the first 20000 tokens, ctx 512
-assert math.isfinite(s["ppl_quant"]) and s["ppl_fp"] < s["ppl_quant"] < 60, s["ppl_quant"]
+assert math.isfinite(s["ppl_quant"]) and s["ppl_fp"] < s["ppl_quant"] < 30, s["ppl_quant"]  # measured 20.34
 assert len(s["blocks"]) == 5 and all(0 <= b["block_mse"] < 1 for b in s["blocks"])
 assert s["blocks_resumed"] == 0
 PYEOF
