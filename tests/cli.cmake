@@ -3,7 +3,9 @@ llmvq_add_script_test(NAME cli_bad_inputs LABELS cli
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/cli_bad_inputs.sh)
 llmvq_add_script_test(NAME cli_golden LABELS "cli;slow"
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/cli_golden.sh)
-llmvq_add_script_test(NAME quantize_e2e LABELS cli ENV ${LLMVQ_MPI_ASAN_ENV}
+llmvq_add_script_test(NAME quantize_smoke LABELS cli ENV ${LLMVQ_MPI_ASAN_ENV}
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_smoke.sh)
+llmvq_add_script_test(NAME quantize_e2e LABELS "cli;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_e2e.sh)
 llmvq_add_script_test(NAME quantize_ranks LABELS "cli;mpi" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_ranks.sh)
@@ -11,3 +13,6 @@ llmvq_add_script_test(NAME quantize_resume LABELS "cli;mpi;slow" TIMEOUT 900 ENV
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_resume.sh)
 llmvq_add_script_test(NAME quantize_damage LABELS cli ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_damage.sh)
+# A real one-node Slurm cluster (tools/slurm-local.sh): USR1 -> exit 75 -> requeue -> resume.
+llmvq_add_script_test(NAME slurm_requeue LABELS "slurm;slow" TIMEOUT 900 ENV ${LLMVQ_MPI_ASAN_ENV}
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/slurm_requeue.sh)
