@@ -13,5 +13,5 @@ export OMPI_MCA_rmaps_base_oversubscribe=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREAD
 out=${LLMVQ_DEMO_OUT:-out/demo}
 echo "== llmvq quantize jobs/stories260K-2bit.ini on 2 MPI ranks -> $out"
 mpirun -np 2 ./build/llmvq quantize jobs/stories260K-2bit.ini --set output.dir="$out"
-echo "== result: $out/model.h5, $out/summary.json; greedy sample from the quantized model:"
-./build/llmvq generate --model "$out/model.h5" --tokenizer jobs/demo/tok512.bin --temperature 0 --steps 120
+echo "== result: $out/model.h5, $out/summary.json; a story sampled from the 2-bit model:"
+./build/llmvq generate --model "$out/model.h5" --tokenizer jobs/demo/tok512.bin --temperature 0.8 --top-p 0.9 --seed 1 --steps 120
