@@ -4,7 +4,8 @@
 # SIGUSR1 once it has checkpointed a block (by hand, as Slurm's --signal would
 # send it before the time limit), its step exits with 75, the script requeues
 # the job, the rerun (SLURM_RESTART_COUNT 1) resumes from the checkpoint and
-# ends with a model.h5 byte-identical to the reference. Skipped (77) where Slurm
+# ends with a model.h5 byte-identical to the reference. And a step that cannot
+# launch (srun 22.05 exits 0 then) fails the job. Skipped (77) where Slurm
 # cannot be installed or started (not root). The cluster is stopped on every exit.
 . "$(dirname "$0")/lib.sh"
 : "${LLMVQ_SOURCE_DIR:?}"
