@@ -13,6 +13,7 @@ typedef struct {
 
 static const command commands[] = {
     {"quantize", pipe_cmd_quantize, "quantize a model to ~2 bits per weight (AQLM) from a job file"},
+    {"plan", pipe_cmd_plan, "dry run of a quantize job: shards, memory per rank, predicted time"},
     {"inspect", pipe_cmd_inspect, "what a run has checkpointed, what is left; verify checksums"},
     {"eval", pipe_cmd_eval, "perplexity of a model on a text or token file"},
     {"generate", pipe_cmd_generate, "sample text from a model"},

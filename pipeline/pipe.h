@@ -53,5 +53,6 @@ int pipe_cmd_convert(int argc, char **argv);
 int pipe_cmd_synth(int argc, char **argv);
 int pipe_cmd_quantize(int argc, char **argv);
 int pipe_cmd_inspect(int argc, char **argv);
+int pipe_cmd_plan(int argc, char **argv);
 
 #endif

@@ -21,6 +21,7 @@
 #include "job.h"
 #include "kern.h"
 #include "pipe.h"
+#include "pipe_plan.h"
 #include "stage.h"
 
 typedef struct {
@@ -416,14 +417,6 @@ done:
     return st;
 }
 
-/* Blocks [*first, *last) of rank `rank` of `size`: contiguous shards of equal
- * cost (every block of a LLaMA model has the same shapes). */
-static void shard_of(int n_layers, int rank, int size, int *first, int *last)
-{
-    *first = (int)((int64_t)n_layers * rank / size);
-    *last = (int)((int64_t)n_layers * (rank + 1) / size);
-}
-
 /* This rank's part: FP prefix up to its shard, then its blocks. */
 static lv_status quantize_shard(qjob *q, int first, int last, double t_start)
 {
@@ -550,7 +543,7 @@ static lv_status run_quantize(qjob *q, const job_file *j, comm_ctx *comm, int *f
     }
     const lv_model_config *c = &q->fp->cfg;
     int first, last;
-    shard_of(c->n_layers, rank, size, &first, &last);
+    pipe_shard_of(c->n_layers, rank, size, &first, &last);
     if (rank == 0)
         lv_log("quantize %s: %d blocks on %d rank%s, %lld x %d calibration tokens, %dx%dg%d, "
                "beam %d, propagation %s, checkpoints in %s", q->model_path, c->n_layers, size,
