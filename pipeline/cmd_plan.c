@@ -55,36 +55,13 @@ static int file_exists(const char *dir, const char *name)
 static lv_status plan_read_job(plan_job *p, const job_file *j)
 {
     lv_status st = LV_OK;
-    int64_t v = 0, seqlen = 0;
-    double x = 0;
-    const char *upd = NULL;
+    int64_t seqlen = 0;
     LV_TRY(job_get_str(j, "model.path", &p->model_path));
     LV_TRY(job_get_str(j, "calibration.data", &p->calib_path));
     LV_TRY(job_get_int(j, "calibration.nsamples", &p->n_seq));
     LV_TRY(job_get_int(j, "calibration.seqlen", &seqlen));
     LV_TRY(job_get_str(j, "quant.propagation", &p->prop));
-    stage_aqlm_config *a = &p->acfg;
-    memset(a, 0, sizeof *a);
-    LV_TRY(job_get_int(j, "quant.num_codebooks", &v)); a->n_codebooks = (int)v;
-    LV_TRY(job_get_int(j, "quant.nbits", &v)); a->nbits = (int)v;
-    LV_TRY(job_get_int(j, "quant.group_size", &v)); a->group_size = (int)v;
-    LV_TRY(job_get_int(j, "quant.beam_size", &v)); a->beam_size = (int)v;
-    LV_TRY(job_get_int(j, "quant.max_iters", &v)); a->max_iters = (int)v;
-    LV_TRY(job_get_int(j, "quant.adam_steps", &v)); a->adam_steps = (int)v;
-    LV_TRY(job_get_int(j, "quant.kmeans_iters", &v)); a->kmeans_iters = (int)v;
-    LV_TRY(job_get_float(j, "quant.rel_tol", &x)); a->rel_tol = x;
-    LV_TRY(job_get_float(j, "quant.adam_lr", &x)); a->adam_lr = (float)x;
-    LV_TRY(job_get_str(j, "quant.codebook_update", &upd));
-    a->codebook_update = strcmp(upd, "lstsq") ? STAGE_AQLM_ADAM : STAGE_AQLM_LSTSQ;
-    stage_ft_config *ft = &p->ft;
-    memset(ft, 0, sizeof *ft);
-    LV_TRY(job_get_bool(j, "finetune.enable", &p->ft_enable));
-    LV_TRY(job_get_float(j, "finetune.lr", &x)); ft->lr = (float)x;
-    LV_TRY(job_get_int(j, "finetune.max_epochs", &v)); ft->max_epochs = (int)v;
-    LV_TRY(job_get_int(j, "finetune.batch_seqs", &v)); ft->batch_seqs = (int)v;
-    LV_TRY(job_get_int(j, "finetune.patience", &v)); ft->patience = (int)v;
-    LV_TRY(job_get_float(j, "finetune.holdout", &x)); ft->holdout_frac = x;
-    LV_TRY(job_get_bool(j, "finetune.freeze_norms", &ft->freeze_norms));
+    LV_TRY(pipe_job_stage_configs(j, &p->acfg, &p->ft_enable, &p->ft));
 
     /* the model's shapes: a HF directory is read through its config.json only
      * (works without weights); anything else is opened (memory-mapped) */

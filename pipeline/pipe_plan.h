@@ -4,6 +4,9 @@
 
 #include <stdint.h>
 
+#include "job.h"
+#include "stage.h"
+
 /* Blocks [*first, *last) of rank `rank` of `size`: contiguous shards of equal
  * cost (every block of a LLaMA model has the same shapes); docs/pipeline.md.
  * The one definition of the shard map: quantize and plan must agree. */
@@ -12,5 +15,10 @@ static inline void pipe_shard_of(int n_layers, int rank, int size, int *first, i
     *first = (int)((int64_t)n_layers * rank / size);
     *last = (int)((int64_t)n_layers * (rank + 1) / size);
 }
+
+/* The [quant] and [finetune] sections of a job as stage configs (seed 0:
+ * callers derive per-layer seeds from run.seed). */
+lv_status pipe_job_stage_configs(const job_file *j, stage_aqlm_config *a, int *ft_enable,
+                                 stage_ft_config *ft);
 
 #endif

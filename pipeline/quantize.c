@@ -66,9 +66,7 @@ done:
 static lv_status read_job(qjob *q, const job_file *j)
 {
     lv_status st = LV_OK;
-    const char *upd = NULL, *ck = NULL;
-    int64_t v = 0;
-    double x = 0;
+    const char *ck = NULL;
     LV_TRY(job_get_str(j, "model.path", &q->model_path));
     LV_TRY(job_get_str(j, "model.tokenizer", &q->tok_path));
     LV_TRY(job_get_str(j, "calibration.data", &q->calib_path));
@@ -81,29 +79,7 @@ static lv_status read_job(qjob *q, const job_file *j)
     LV_TRY(job_get_int(j, "output.eval_ctx", &q->eval_ctx));
     LV_TRY(job_get_int(j, "output.eval_max_tokens", &q->eval_max));
     LV_TRY(job_get_str(j, "quant.propagation", &q->prop));
-    stage_aqlm_config *a = &q->acfg;
-    memset(a, 0, sizeof *a);
-    LV_TRY(job_get_int(j, "quant.num_codebooks", &v)); a->n_codebooks = (int)v;
-    LV_TRY(job_get_int(j, "quant.nbits", &v)); a->nbits = (int)v;
-    LV_TRY(job_get_int(j, "quant.group_size", &v)); a->group_size = (int)v;
-    LV_TRY(job_get_int(j, "quant.beam_size", &v)); a->beam_size = (int)v;
-    LV_TRY(job_get_int(j, "quant.max_iters", &v)); a->max_iters = (int)v;
-    LV_TRY(job_get_int(j, "quant.adam_steps", &v)); a->adam_steps = (int)v;
-    LV_TRY(job_get_int(j, "quant.kmeans_iters", &v)); a->kmeans_iters = (int)v;
-    LV_TRY(job_get_float(j, "quant.rel_tol", &x)); a->rel_tol = x;
-    LV_TRY(job_get_float(j, "quant.adam_lr", &x)); a->adam_lr = (float)x;
-    LV_TRY(job_get_str(j, "quant.codebook_update", &upd));
-    a->codebook_update = strcmp(upd, "lstsq") ? STAGE_AQLM_ADAM : STAGE_AQLM_LSTSQ;
-    a->seed = (uint64_t)q->seed;
-    stage_ft_config *ft = &q->ft;
-    memset(ft, 0, sizeof *ft);
-    LV_TRY(job_get_bool(j, "finetune.enable", &q->ft_enable));
-    LV_TRY(job_get_float(j, "finetune.lr", &x)); ft->lr = (float)x;
-    LV_TRY(job_get_int(j, "finetune.max_epochs", &v)); ft->max_epochs = (int)v;
-    LV_TRY(job_get_int(j, "finetune.batch_seqs", &v)); ft->batch_seqs = (int)v;
-    LV_TRY(job_get_int(j, "finetune.patience", &v)); ft->patience = (int)v;
-    LV_TRY(job_get_float(j, "finetune.holdout", &x)); ft->holdout_frac = x;
-    LV_TRY(job_get_bool(j, "finetune.freeze_norms", &ft->freeze_norms));
+    LV_TRY(pipe_job_stage_configs(j, &q->acfg, &q->ft_enable, &q->ft));
     if (ck[0])
         snprintf(q->ckpt_dir, sizeof q->ckpt_dir, "%s", ck);
     else
