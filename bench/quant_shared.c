@@ -24,89 +24,35 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "io.h"
-#include "kern.h"
-#include "stage.h"
+#include "bench_common.h"
 
 #define N_SEQ 64
 #define SEQ_T 256
 #define EVAL_CTX 512
 #define EVAL_TOKENS 60000
-#define MAX_LIN 1024
 
 typedef struct {
     lv_model *fp;
     int32_t *toks;
     int64_t n_tok;
-    int n_lin;
-    const float *W[MAX_LIN], *H[MAX_LIN];
-    int64_t d_out[MAX_LIN], d_in[MAX_LIN];
-    float *Hbuf; /* (n_layers, 4 Hessians) float copies */
+    bench_lins lin; /* every block linear with its FP-propagation Hessian */
 } bench_ctx;
-
-static const char *env_or(const char *name, const char *dflt)
-{
-    const char *v = getenv(name);
-    return v && v[0] ? v : dflt;
-}
-
-static const float *fp_weight(const lv_layer *L, lv_lin k)
-{
-    const float *w[LV_LIN_COUNT] = {L->wq, L->wk, L->wv, L->wo, L->w1, L->w2, L->w3};
-    return w[k];
-}
 
 /* Hessians of every block's linears, FP propagation through the blocks. */
 static lv_status calibrate(bench_ctx *b)
 {
     lv_status st = LV_OK;
-    const lv_model_config *c = &b->fp->cfg;
     int32_t *seqs = NULL;
-    float *x = NULL;
-    kern_fwd_ws *ws = NULL;
-    stage_block_hessians h = {0};
-    const int64_t d = c->dim, hd = c->hidden_dim, per_block = 3 * d * d + hd * hd;
-    if ((int64_t)c->n_layers * LV_LIN_COUNT > MAX_LIN)
-        LV_FAIL(LV_ERR_UNSUPPORTED, "bench: more than %d linears", MAX_LIN);
     LV_TRY(stage_calib_sequences(b->toks, b->n_tok, N_SEQ, SEQ_T, 1234, &seqs));
-    LV_ALLOC(x, (size_t)N_SEQ * SEQ_T * (size_t)d);
-    LV_ALLOC(b->Hbuf, (size_t)c->n_layers * (size_t)per_block);
-    LV_TRY(kern_fwd_ws_init(&ws, c, 8, SEQ_T, 0));
-    LV_TRY(stage_block_hessians_init(&h, c));
-    kern_embed_ref(x, b->fp->tok_emb, seqs, (int64_t)N_SEQ * SEQ_T, c->dim);
-    for (int l = 0; l < c->n_layers; l++) {
-        stage_block_hessians_zero(&h);
-        LV_TRY(stage_calib_block(b->fp, l, x, N_SEQ, SEQ_T, ws, 8, &h));
-        float *hb = b->Hbuf + (size_t)l * (size_t)per_block;
-        const double *src[4] = {h.attn, h.wo, h.ffn, h.down};
-        float *dst[4] = {hb, hb + d * d, hb + 2 * d * d, hb + 3 * d * d};
-        for (int t = 0; t < 4; t++)
-            LV_TRY(stage_hessian_to_f32(src[t], t == 3 ? hd : d, h.n_rows, dst[t]));
-        for (int k = 0; k < LV_LIN_COUNT; k++) {
-            int i = b->n_lin++;
-            lv_lin_shape(c, (lv_lin)k, &b->d_out[i], &b->d_in[i]);
-            b->W[i] = fp_weight(&b->fp->layers[l], (lv_lin)k);
-            b->H[i] = k <= LV_LIN_WV ? dst[0] : k == LV_LIN_WO ? dst[1]
-                    : k == LV_LIN_W2 ? dst[3] : dst[2];
-        }
-    }
+    LV_TRY(bench_fp_hessians(&b->lin, b->fp, seqs, N_SEQ, SEQ_T));
 done:
-    stage_block_hessians_free(&h);
-    kern_fwd_ws_free(ws);
-    free(x);
     free(seqs);
     return st;
 }
 
 static lv_status eval_ppl(const bench_ctx *b, const lv_model *m, double *ppl)
 {
-    lv_status st = LV_OK;
-    stage_eval_result r;
-    stage_eval_opts eo = {.ctx = EVAL_CTX, .max_tokens = EVAL_TOKENS};
-    LV_TRY(stage_eval_ppl(m, b->toks, b->n_tok, &eo, &r));
-    *ppl = r.ppl;
-done:
-    return st;
+    return bench_eval_ppl(m, b->toks, b->n_tok, EVAL_CTX, EVAL_TOKENS, ppl);
 }
 
 typedef struct {
@@ -133,48 +79,22 @@ static int parse_case(const char *s, bench_case *bc)
     return 0;
 }
 
-/* Round-to-nearest baseline of DESIGN.md: asymmetric min-max per group of
- * `group` inputs, `bits` bits, 16-bit min and step per group; the FP model with
- * its linears replaced (a shallow view, as pipeline/quantize.c builds one). */
+/* Round-to-nearest baseline (bench_rtn_view): mean layer error and ppl. */
 static lv_status run_rtn(bench_ctx *b, int bits, int group)
 {
     lv_status st = LV_OK;
-    const lv_model_config *c = &b->fp->cfg;
+    const bench_lins *li = &b->lin;
     float *buf = NULL;
     lv_layer *layers = NULL;
-    int64_t total = 0;
+    lv_model view;
     double ppl = 0.0, mean_rel = 0.0, t0 = lv_now();
-    for (int i = 0; i < b->n_lin; i++) total += b->d_out[i] * b->d_in[i];
-    LV_ALLOC(buf, total);
-    LV_ALLOC(layers, (size_t)c->n_layers);
-    memcpy(layers, b->fp->layers, sizeof(lv_layer) * (size_t)c->n_layers);
-    lv_model view = *b->fp;
-    view.layers = layers;
-    view.storage = NULL;
-    const float levels = (float)((1 << bits) - 1);
-    float *w = buf;
-    for (int i = 0; i < b->n_lin; i++) {
-        for (int64_t r = 0; r < b->d_out[i]; r++)
-            for (int64_t j0 = 0; j0 < b->d_in[i]; j0 += group) {
-                const int64_t j1 = j0 + group < b->d_in[i] ? j0 + group : b->d_in[i];
-                const float *src = b->W[i] + r * b->d_in[i];
-                float lo = src[j0], hi = src[j0];
-                for (int64_t j = j0; j < j1; j++) {
-                    lo = src[j] < lo ? src[j] : lo;
-                    hi = src[j] > hi ? src[j] : hi;
-                }
-                const float step = hi > lo ? (hi - lo) / levels : 1.0f;
-                for (int64_t j = j0; j < j1; j++)
-                    w[r * b->d_in[i] + j] = lo + step * nearbyintf((src[j] - lo) / step);
-            }
-        lv_layer *L = &layers[i / LV_LIN_COUNT];
-        const float **slot[LV_LIN_COUNT] = {&L->wq, &L->wk, &L->wv, &L->wo,
-                                            &L->w1, &L->w2, &L->w3};
-        *slot[i % LV_LIN_COUNT] = w;
+    LV_TRY(bench_rtn_view(b->fp, bits, group, &buf, &layers, &view));
+    const float *w = buf;
+    for (int i = 0; i < li->n_lin; i++) {
         double rel = 0.0;
-        LV_TRY(stage_aqlm_layer_error(b->W[i], w, b->H[i], b->d_out[i], b->d_in[i], &rel));
-        mean_rel += rel / b->n_lin;
-        w += b->d_out[i] * b->d_in[i];
+        LV_TRY(stage_aqlm_layer_error(li->W[i], w, li->H[i], li->d_out[i], li->d_in[i], &rel));
+        mean_rel += rel / li->n_lin;
+        w += li->d_out[i] * li->d_in[i];
     }
     LV_TRY(eval_ppl(b, &view, &ppl));
     char name[32];
@@ -198,7 +118,8 @@ static lv_status run_case(bench_ctx *b, const bench_case *bc)
     double *wt = NULL;
     float *What = NULL;
     stage_aqlm_stats sx = {0};
-    const int n = b->n_lin;
+    const bench_lins *li = &b->lin;
+    const int n = li->n_lin;
     LV_ALLOC(out, n);
     LV_ALLOC(wt, n);
     LV_ALLOC(What, 256 * 1024);
@@ -206,9 +127,9 @@ static lv_status run_case(bench_ctx *b, const bench_case *bc)
     if (bc->per) {
         double bits = 0.0, weights = 0.0;
         for (int i = 0; i < n; i++) {
-            LV_TRY(stage_aqlm_run(b->W[i], b->H[i], b->d_out[i], b->d_in[i], &bc->cfg, &out[i],
+            LV_TRY(stage_aqlm_run(li->W[i], li->H[i], li->d_out[i], li->d_in[i], &bc->cfg, &out[i],
                                   NULL));
-            double nw = (double)b->d_out[i] * (double)b->d_in[i];
+            double nw = (double)li->d_out[i] * (double)li->d_in[i];
             bits += stage_aqlm_bits_per_weight(&out[i]) * nw;
             weights += nw;
         }
@@ -216,19 +137,19 @@ static lv_status run_case(bench_ctx *b, const bench_case *bc)
     } else {
         for (int i = 0; i < n; i++) {
             double tr = 0.0;
-            for (int64_t j = 0; j < b->d_in[i]; j++) tr += b->H[i][j * b->d_in[i] + j];
-            wt[i] = (double)b->d_in[i] / tr;
+            for (int64_t j = 0; j < li->d_in[i]; j++) tr += li->H[i][j * li->d_in[i] + j];
+            wt[i] = (double)li->d_in[i] / tr;
         }
-        LV_TRY(stage_aqlm_run_shared_weighted(n, b->W, b->H, b->d_out, b->d_in,
+        LV_TRY(stage_aqlm_run_shared_weighted(n, li->W, li->H, li->d_out, li->d_in,
                                               bc->trace ? wt : NULL, &bc->cfg, out, &sx));
         bpw = stage_aqlm_bits_per_weight_shared(n, out);
     }
     double wall = lv_now() - t0;
     for (int i = 0; i < n; i++) {
         double rel = 0.0;
-        if (b->d_out[i] * b->d_in[i] > 256 * 1024) LV_FAIL(LV_ERR_UNSUPPORTED, "bench: big layer");
+        if (li->d_out[i] * li->d_in[i] > 256 * 1024) LV_FAIL(LV_ERR_UNSUPPORTED, "bench: big layer");
         LV_TRY(stage_aqlm_dequant(&out[i], What));
-        LV_TRY(stage_aqlm_layer_error(b->W[i], What, b->H[i], b->d_out[i], b->d_in[i], &rel));
+        LV_TRY(stage_aqlm_layer_error(li->W[i], What, li->H[i], li->d_out[i], li->d_in[i], &rel));
         mean_rel += rel / n;
     }
     const stage_aqlm_config *c = &bc->cfg;
@@ -259,9 +180,9 @@ int main(int argc, char **argv)
     static const char *dflt[] = {"rtn4g32", "rtn3g32",     "1x8g4",       "1x8g4:trace",
                                  "1x8g4:lstsq", "1x8g4:long", "1x10g8",   "2x7g8",
                                  "2x8g8",   "1x6g4:per"};
-    const char *model = env_or("LLMVQ_MODEL", "jobs/demo/stories260K.bin");
-    const char *tokp = env_or("LLMVQ_TOKENIZER", "jobs/demo/tok512.bin");
-    const char *text = env_or("LLMVQ_TEXT", "jobs/demo/tinystories_val_subset.txt");
+    const char *model = bench_env_or("LLMVQ_MODEL", "jobs/demo/stories260K.bin");
+    const char *tokp = bench_env_or("LLMVQ_TOKENIZER", "jobs/demo/tok512.bin");
+    const char *text = bench_env_or("LLMVQ_TEXT", "jobs/demo/tinystories_val_subset.txt");
     bench_ctx b = {0};
     io_tokenizer *tok = NULL;
     int rc = 0;
@@ -273,7 +194,7 @@ int main(int argc, char **argv)
     LV_TRY(eval_ppl(&b, b.fp, &ppl_fp));
     LV_TRY(calibrate(&b));
     printf("%s: %d linears, %lld text tokens, calibration %d x %d (%.1f s); FP ppl %.4f "
-           "(ctx %d, first %d tokens)\n", model, b.n_lin, (long long)b.n_tok, N_SEQ, SEQ_T,
+           "(ctx %d, first %d tokens)\n", model, b.lin.n_lin, (long long)b.n_tok, N_SEQ, SEQ_T,
            lv_now() - t0, ppl_fp, EVAL_CTX, EVAL_TOKENS);
     printf("%-16s %7s %9s %9s %5s %8s %8s %8s %8s\n", "config", "bpw", "mean_rel", "ppl",
            "iters", "wall_s", "init_s", "update_s", "beam_s");
@@ -305,7 +226,7 @@ done:
         fprintf(stderr, "bench_quant_shared: %s\n", lv_last_error());
         rc = 1;
     }
-    free(b.Hbuf);
+    bench_lins_free(&b.lin);
     free(b.toks);
     io_tokenizer_free(tok);
     io_model_free(b.fp);

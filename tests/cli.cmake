@@ -7,6 +7,8 @@ llmvq_add_script_test(NAME quantize_smoke LABELS cli ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_smoke.sh)
 llmvq_add_script_test(NAME quantize_e2e LABELS "cli;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_e2e.sh)
+llmvq_add_script_test(NAME quantize_4bit LABELS "cli;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_4bit.sh)
 llmvq_add_script_test(NAME quantize_ranks LABELS "cli;mpi" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_ranks.sh)
 llmvq_add_script_test(NAME quantize_resume LABELS "cli;mpi;slow" TIMEOUT 900 ENV ${LLMVQ_MPI_ASAN_ENV}
