@@ -18,5 +18,5 @@ llmvq_add_script_test(NAME quantize_damage LABELS cli ENV ${LLMVQ_MPI_ASAN_ENV}
 # A real one-node Slurm cluster (tools/slurm-local.sh): USR1 -> exit 75 -> requeue -> resume.
 llmvq_add_script_test(NAME slurm_requeue LABELS "slurm;slow" TIMEOUT 900 ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/slurm_requeue.sh)
-llmvq_add_script_test(NAME plan LABELS cli
+llmvq_add_script_test(NAME plan LABELS cli ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/plan.sh)
