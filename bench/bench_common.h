@@ -30,19 +30,6 @@ static inline const char *bench_env_or(const char *name, const char *dflt)
     return v && v[0] ? v : dflt;
 }
 
-static inline const float *bench_fp_weight(const lv_layer *L, lv_lin k)
-{
-    const float *w[LV_LIN_COUNT] = {L->wq, L->wk, L->wv, L->wo, L->w1, L->w2, L->w3};
-    return w[k];
-}
-
-/* The pointer of linear k in L, to replace it in a model view. */
-static inline const float **bench_weight_slot(lv_layer *L, lv_lin k)
-{
-    const float **slot[LV_LIN_COUNT] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
-    return slot[k];
-}
-
 static inline void bench_lins_free(bench_lins *b)
 {
     free(b->Hbuf);
@@ -82,7 +69,7 @@ static inline lv_status bench_fp_hessians(bench_lins *b, const lv_model *fp, con
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             int i = b->n_lin++;
             lv_lin_shape(c, (lv_lin)k, &b->d_out[i], &b->d_in[i]);
-            b->W[i] = bench_fp_weight(&fp->layers[l], (lv_lin)k);
+            b->W[i] = lv_layer_weight(&fp->layers[l], (lv_lin)k);
             b->H[i] = k <= LV_LIN_WV ? dst[0] : k == LV_LIN_WO ? dst[1]
                     : k == LV_LIN_W2 ? dst[3] : dst[2];
         }
@@ -138,7 +125,7 @@ static inline lv_status bench_rtn_view(const lv_model *fp, int bits, int group, 
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             int64_t d_out, d_in;
             lv_lin_shape(c, (lv_lin)k, &d_out, &d_in);
-            const float *W = bench_fp_weight(&fp->layers[l], (lv_lin)k);
+            const float *W = lv_layer_weight(&fp->layers[l], (lv_lin)k);
             for (int64_t r = 0; r < d_out; r++)
                 for (int64_t j0 = 0; j0 < d_in; j0 += group) {
                     const int64_t j1 = j0 + group < d_in ? j0 + group : d_in;
@@ -152,7 +139,7 @@ static inline lv_status bench_rtn_view(const lv_model *fp, int bits, int group, 
                     for (int64_t j = j0; j < j1; j++)
                         w[r * d_in + j] = lo + step * nearbyintf((src[j] - lo) / step);
                 }
-            *bench_weight_slot(&(*layers)[l], (lv_lin)k) = w;
+            *lv_layer_slot(&(*layers)[l], (lv_lin)k) = w;
             w += d_out * d_in;
         }
 done:

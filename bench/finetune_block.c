@@ -28,7 +28,6 @@ static lv_status quantize_block(const lv_model *m, int layer, const stage_block_
     lv_status st = LV_OK;
     const lv_model_config *c = &m->cfg;
     const lv_layer *L = &m->layers[layer];
-    const float *w[LV_LIN_COUNT] = {L->wq, L->wk, L->wv, L->wo, L->w1, L->w2, L->w3};
     const int64_t dmax = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
     float *H = NULL;
     stage_aqlm_config acfg = {.n_codebooks = 1, .nbits = 6, .group_size = 4, .beam_size = 8,
@@ -44,7 +43,7 @@ static lv_status quantize_block(const lv_model *m, int layer, const stage_block_
         acfg.seed = (uint64_t)layer * 16 + (uint64_t)k;
         lv_aq_layer_free(&b->lin[k]);
         stage_aqlm_stats sx;
-        LV_TRY(stage_aqlm_run(w[k], H, o, i, &acfg, &b->lin[k], &sx));
+        LV_TRY(stage_aqlm_run(lv_layer_weight(L, (lv_lin)k), H, o, i, &acfg, &b->lin[k], &sx));
         b->rel_err[k] = sx.rel_err[(sx.iters < STAGE_AQLM_MAX_HIST ? sx.iters : STAGE_AQLM_MAX_HIST) - 1];
     }
 done:

@@ -110,27 +110,6 @@ static stage_aqlm_config aqlm_cfg(const int c[3], int shared)
                                .adam_steps = 100, .kmeans_iters = 20, .seed = 0};
 }
 
-/* FP with block `layer` replaced by the dequantized b (quantize.c's qblock_view). */
-static lv_status qblock_view(const lv_model *fp, int layer, const lv_qblock *b, float *w,
-                             lv_layer *layers, lv_model *view)
-{
-    lv_status st = LV_OK;
-    *view = *fp;
-    memcpy(layers, fp->layers, sizeof(lv_layer) * (size_t)fp->cfg.n_layers);
-    view->layers = layers;
-    view->storage = NULL;
-    lv_layer *L = &layers[layer];
-    for (int k = 0; k < LV_LIN_COUNT; k++) {
-        LV_TRY(io_qmodel_dequant_linear(&b->lin[k], w));
-        *bench_weight_slot(L, (lv_lin)k) = w;
-        w += b->lin[k].d_out * b->lin[k].d_in;
-    }
-    L->attn_norm = b->attn_norm;
-    L->ffn_norm = b->ffn_norm;
-done:
-    return st;
-}
-
 /* Per-matrix codebooks, block by block with quantized propagation, up to
  * `stage`, as pipeline/quantize.c's run_block. *qm_out is owned by the caller. */
 static lv_status run_per_matrix(const qt_ctx *q, const int cf[3], int stage, lv_qmodel **qm_out,
@@ -180,7 +159,7 @@ static lv_status run_per_matrix(const qt_ctx *q, const int cf[3], int stage, lv_
             lv_lin_shape(c, (lv_lin)k, &o, &i);
             LV_TRY(stage_hessian_to_f32(stage_block_hessian_for(&h, (lv_lin)k), i, h.n_rows,
                                         H32));
-            const float *W = bench_fp_weight(&fp->layers[l], (lv_lin)k);
+            const float *W = lv_layer_weight(&fp->layers[l], (lv_lin)k);
             const uint64_t seed = (uint64_t)l * 16 + (uint64_t)k; /* the pipeline's, seed 0 */
             lv_aq_layer_free(&b->lin[k]);
             if (stage == S_INIT) {
@@ -200,7 +179,7 @@ static lv_status run_per_matrix(const qt_ctx *q, const int cf[3], int stage, lv_
             ft_after += fs.mse_after / c->n_layers;
         }
         lv_model view;
-        LV_TRY(qblock_view(fp, l, b, wscr, layers, &view));
+        LV_TRY(io_qblock_fp_view(fp, l, b, wscr, layers, &view));
         memcpy(y_q, x_in, act * sizeof(float));
         LV_TRY(stage_calib_block(&view, l, y_q, n_seq, T, ws, micro, NULL));
         float *t = x_in;

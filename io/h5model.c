@@ -687,12 +687,10 @@ lv_status io_qmodel_to_fp(const lv_qmodel *q, lv_model **out)
         memcpy(a, b->ffn_norm, dim * sizeof(float));
         ly->ffn_norm = a;
         a += dim;
-        const float **slot[LV_LIN_COUNT] = {&ly->wq, &ly->wk, &ly->wv, &ly->wo,
-                                            &ly->w1, &ly->w2, &ly->w3};
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *L = &b->lin[k];
             LV_TRY(io_qmodel_dequant_linear(L, a));
-            *slot[k] = a;
+            *lv_layer_slot(ly, (lv_lin)k) = a;
             a += (size_t)(L->d_out * L->d_in);
         }
     }
@@ -712,5 +710,25 @@ lv_status io_model_open_qh5(lv_model **out, const char *path)
     LV_TRY(io_qmodel_to_fp(q, out));
 done:
     lv_qmodel_free(q);
+    return st;
+}
+
+lv_status io_qblock_fp_view(const lv_model *fp, int layer, const lv_qblock *b, float *w,
+                            lv_layer *layers, lv_model *view)
+{
+    lv_status st = LV_OK;
+    *view = *fp;
+    memcpy(layers, fp->layers, sizeof(lv_layer) * (size_t)fp->cfg.n_layers);
+    view->layers = layers;
+    view->storage = NULL;
+    lv_layer *L = &layers[layer];
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        LV_TRY(io_qmodel_dequant_linear(&b->lin[k], w));
+        *lv_layer_slot(L, (lv_lin)k) = w;
+        w += b->lin[k].d_out * b->lin[k].d_in;
+    }
+    L->attn_norm = b->attn_norm;
+    L->ffn_norm = b->ffn_norm;
+done:
     return st;
 }

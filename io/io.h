@@ -69,6 +69,13 @@ lv_status io_qmodel_read(lv_qmodel **out, const char *path);
  * every FP path (eval, generate, convert) runs a quantized model. Caller frees
  * with io_model_free. */
 lv_status io_qmodel_to_fp(const lv_qmodel *q, lv_model **out);
+/* *view = fp with block `layer`'s linears replaced by the dequantized b and
+ * its norms by b's: a shallow copy sharing everything else (view->storage is
+ * NULL; never io_model_free it). w (sum of the 7 linears' d_out*d_in floats)
+ * and layers (n_layers) are caller-owned scratch the view points into. */
+lv_status io_qblock_fp_view(const lv_model *fp, int layer, const lv_qblock *b, float *w,
+                            lv_layer *layers, lv_model *view);
+
 /* io_qmodel_read + io_qmodel_to_fp. */
 lv_status io_model_open_qh5(lv_model **out, const char *path);
 

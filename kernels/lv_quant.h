@@ -34,6 +34,17 @@ typedef enum {
 
 /* Names used in files and messages: "wq" ... "w3". */
 const char *lv_lin_name(lv_lin which);
+/* Where an FP layer keeps linear `which` (lv_lin order: wq wk wv wo w1 w2 w3). */
+static inline const float **lv_layer_slot(lv_layer *L, lv_lin which)
+{
+    const float **slot[LV_LIN_COUNT] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
+    return slot[which];
+}
+static inline const float *lv_layer_weight(const lv_layer *L, lv_lin which)
+{
+    return *lv_layer_slot((lv_layer *)L, which);
+}
+
 /* (d_out, d_in) of a linear for a config. */
 void lv_lin_shape(const lv_model_config *cfg, lv_lin which, int64_t *d_out, int64_t *d_in);
 

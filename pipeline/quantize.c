@@ -112,13 +112,12 @@ static uint64_t model_hash(const lv_model *m)
     }
     for (int l = 0; l < c->n_layers; l++)
         for (int k = 0; k < LV_LIN_COUNT; k++) {
-            const lv_layer *L = &m->layers[l];
-            const float *w[LV_LIN_COUNT] = {L->wq, L->wk, L->wv, L->wo, L->w1, L->w2, L->w3};
+            const float *w = lv_layer_weight(&m->layers[l], (lv_lin)k);
             int64_t o, i;
             lv_lin_shape(c, (lv_lin)k, &o, &i);
             size_t len = (size_t)(o * i), s = len < 1024 ? len : 1024;
-            MIX(w[k], s * 4);
-            MIX(w[k] + len - s, s * 4);
+            MIX(w, s * 4);
+            MIX(w + len - s, s * 4);
         }
 #undef MIX
     return h;
@@ -136,30 +135,6 @@ static lv_status eval_model(const lv_model *m, const qjob *q, double *ppl)
     *ppl = r.ppl;
 done:
     free(toks);
-    return st;
-}
-
-/* The FP model with block `layer`'s weights replaced by the dequantized block
- * b: a shallow copy sharing everything else. w (floats of the 7 linears) and
- * layers (n_layers) are caller-provided scratch. */
-static lv_status qblock_view(const lv_model *fp, int layer, const lv_qblock *b, float *w,
-                             lv_layer *layers, lv_model *view)
-{
-    lv_status st = LV_OK;
-    *view = *fp;
-    memcpy(layers, fp->layers, sizeof(lv_layer) * (size_t)fp->cfg.n_layers);
-    view->layers = layers;
-    view->storage = NULL;
-    lv_layer *L = &layers[layer];
-    const float **slot[LV_LIN_COUNT] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
-    for (int k = 0; k < LV_LIN_COUNT; k++) {
-        LV_TRY(io_qmodel_dequant_linear(&b->lin[k], w));
-        *slot[k] = w;
-        w += b->lin[k].d_out * b->lin[k].d_in;
-    }
-    L->attn_norm = b->attn_norm;
-    L->ffn_norm = b->ffn_norm;
-done:
     return st;
 }
 
@@ -210,12 +185,6 @@ done:
     return st;
 }
 
-static const float *fp_weight(const lv_layer *L, lv_lin k)
-{
-    const float *w[LV_LIN_COUNT] = {L->wq, L->wk, L->wv, L->wo, L->w1, L->w2, L->w3};
-    return w[k];
-}
-
 /* Quantize the seven linears of block `layer` from the Hessians in w->h. */
 static lv_status quantize_linears(const qjob *q, int layer, qwork *w, lv_qblock *b)
 {
@@ -231,7 +200,7 @@ static lv_status quantize_linears(const qjob *q, int layer, qwork *w, lv_qblock 
         acfg.seed = (uint64_t)q->seed * 1000003ULL + (uint64_t)layer * 16 + (uint64_t)k;
         stage_aqlm_stats stats;
         lv_aq_layer_free(&b->lin[k]);
-        LV_TRY(stage_aqlm_run(fp_weight(&q->fp->layers[layer], (lv_lin)k), w->H32, o, i, &acfg,
+        LV_TRY(stage_aqlm_run(lv_layer_weight(&q->fp->layers[layer], (lv_lin)k), w->H32, o, i, &acfg,
                               &b->lin[k], &stats));
         b->rel_err[k] = stats.iters > 0 ? stats.rel_err[(stats.iters < STAGE_AQLM_MAX_HIST
                                                          ? stats.iters : STAGE_AQLM_MAX_HIST) - 1]
@@ -302,7 +271,7 @@ static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro
                layer + 1, fs.mse_before, fs.mse_after, fs.epochs, fs.wall_s);
     }
     if (!resumed || !prop_fp) {
-        LV_TRY(qblock_view(q->fp, layer, b, w->wq_scratch, w->layers, &view));
+        LV_TRY(io_qblock_fp_view(q->fp, layer, b, w->wq_scratch, w->layers, &view));
         memcpy(w->y_q, w->x_in, n * sizeof(float));
         LV_TRY(stage_calib_block(&view, layer, w->y_q, q->n_seq, q->T, w->ws, micro, NULL));
     }
