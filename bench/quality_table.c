@@ -9,10 +9,10 @@
  *
  * --rows: comma-separated rows or groups (default all):
  *   fp; rtn = rtn2,rtn3,rtn4; pm2 = pm2-init,pm2-aqlm,pm2-ft; shared =
- *   sh-init,sh-aqlm; pm4 = pm4-init,pm4-aqlm,pm4-ft. FP always runs (the
+ *   sh-init,sh-aqlm,sh-ft; pm4 = pm4-init,pm4-aqlm,pm4-ft. FP always runs (the
  *   ppl increase is relative to it).
  * --cfg2 / --cfg4 (MxBgG, per-matrix codebooks; defaults 1x6g4 = the shipped
- *   2-bit job, 1x4g1 = jobs/stories260K-4bit.ini) and --shared-cfg (codebooks
+ *   2-bit per-matrix job, 1x4g1 = jobs/stories260K-4bit.ini) and --shared-cfg (codebooks
  *   shared by all linears, default 1x8g4).
  * Paths default to jobs/demo/ (run from the repository root); override with
  * LLMVQ_MODEL, LLMVQ_TOKENIZER, LLMVQ_TEXT.
@@ -23,8 +23,8 @@
  * max_iters 4, rel_tol 0.01, Adam 100 steps; fine-tuning 16 epochs, lr 1e-3,
  * batch 8, patience 3, holdout 0.1; seeds per block/linear as the pipeline's
  * with run.seed 0). Shared rows need every block's Hessians before they start,
- * so they use FP propagation. Block fine-tuning does not keep codebooks shared
- * yet, so there is no shared fine-tuning row.
+ * so they use FP propagation; their fine-tuning row trains all blocks jointly
+ * (stage_finetune_shared), as `llmvq quantize` with quant.share_codebooks = model.
  *
  * Calibration: 64 sequences x 256 tokens, seed 0, from the text. Evaluation:
  * the same text, ctx 512, first --max-tokens tokens (default 60000).
@@ -67,6 +67,7 @@ static const row_def ROWS[] = {
     {"pm2-ft", K_PM, S_FT, 0, 0, "per-matrix: + block fine-tuning"},
     {"sh-init", K_SHARED, S_INIT, 0, 2, "shared by 35 linears: VPTQ init only"},
     {"sh-aqlm", K_SHARED, S_AQLM, 0, 2, "shared by 35 linears: + AQLM beam search"},
+    {"sh-ft", K_SHARED, S_FT, 0, 2, "shared by 35 linears: + shared block fine-tuning"},
     {"pm4-init", K_PM, S_INIT, 0, 1, "per-matrix: VPTQ init only"},
     {"pm4-aqlm", K_PM, S_AQLM, 0, 1, "per-matrix: + AQLM beam search"},
     {"pm4-ft", K_PM, S_FT, 0, 1, "per-matrix: + block fine-tuning"},
@@ -205,6 +206,42 @@ done:
     return st;
 }
 
+/* Joint fine-tuning of all blocks of qm (shared codebooks) on the FP
+ * activations of the calibration set, as `llmvq quantize` with
+ * quant.share_codebooks = model. */
+static lv_status shared_finetune(const qt_ctx *q, lv_qmodel *qm, row_result *res)
+{
+    lv_status st = LV_OK;
+    const lv_model_config *c = &q->fp->cfg;
+    const int L = c->n_layers, micro = 8;
+    const size_t act = (size_t)N_SEQ * SEQ_T * (size_t)c->dim;
+    float **x = NULL;
+    kern_fwd_ws *ws = NULL;
+    stage_ft_stats fs;
+    LV_ALLOC(x, (size_t)L + 1);
+    LV_TRY(kern_fwd_ws_init(&ws, c, micro, SEQ_T, 0));
+    for (int l = 0; l <= L; l++) LV_ALLOC(x[l], act);
+    kern_embed_ref(x[0], q->fp->tok_emb, q->seqs, (int64_t)N_SEQ * SEQ_T, c->dim);
+    for (int l = 0; l < L; l++) {
+        memcpy(x[l + 1], x[l], act * sizeof(float));
+        LV_TRY(stage_calib_block(q->fp, l, x[l + 1], N_SEQ, SEQ_T, ws, micro, NULL));
+    }
+    stage_ft_config ft = {.lr = 1e-3f, .max_epochs = 16, .seed = 0, .verbose = 1};
+    const char *e = getenv("QT_SHFT_LR");
+    if (e) ft.lr = (float)atof(e);
+    e = getenv("QT_SHFT_EPOCHS");
+    if (e) ft.max_epochs = atoi(e);
+    LV_TRY(stage_finetune_shared(c, qm->blocks, L, (const float *const *)x,
+                                 (const float *const *)(x + 1), N_SEQ, SEQ_T, &ft, NULL, &fs));
+    snprintf(res->note, sizeof res->note, "held-out block rel MSE %.3g -> %.3g (mean, %d epochs)",
+             fs.mse_before, fs.mse_after, fs.epochs);
+done:
+    for (int l = 0; x && l <= L; l++) free(x[l]);
+    free(x);
+    kern_fwd_ws_free(ws);
+    return st;
+}
+
 /* Codebooks shared by every linear (FP-propagation Hessians), up to `stage`. */
 static lv_status run_shared(const qt_ctx *q, const int cf[3], int stage, lv_qmodel **qm_out,
                             row_result *res)
@@ -235,6 +272,7 @@ static lv_status run_shared(const qt_ctx *q, const int cf[3], int stage, lv_qmod
         *dst = out[i];
         memset(&out[i], 0, sizeof out[i]);
     }
+    if (stage == S_FT) LV_TRY(shared_finetune(q, qm, res));
     *qm_out = qm;
     qm = NULL;
 done:
@@ -386,7 +424,7 @@ static void usage(void)
     fprintf(stderr,
             "usage: bench_quality_table [--rows LIST] [--max-tokens N] [--cfg2 MxBgG] "
             "[--cfg4 MxBgG] [--shared-cfg MxBgG]\n  rows: all, fp, rtn, rtn2, rtn3, rtn4, pm2, "
-            "pm2-init, pm2-aqlm, pm2-ft, shared, sh-init, sh-aqlm, pm4, pm4-init, pm4-aqlm, "
+            "pm2-init, pm2-aqlm, pm2-ft, shared, sh-init, sh-aqlm, sh-ft, pm4, pm4-init, pm4-aqlm, "
             "pm4-ft\n");
 }
 
@@ -471,8 +509,5 @@ int main(int argc, char **argv)
         printf("| %s | %s | %.3f | %.3f | %s | %.1f | %.1f | %s |\n", r->method, config,
                res[i].bpw, res[i].ppl, inc, res[i].wall_s, res[i].rss_mib, res[i].note);
     }
-    if (sel[7] || sel[8])
-        printf("| shared by 35 linears: + block fine-tuning | %s | - | - | - | - | - | not run: "
-               "block fine-tuning is not share-aware yet |\n", names[2]);
     return rc;
 }

@@ -216,8 +216,9 @@ done:
 
 /* ---------------- one linear / one block ---------------- */
 
+/* shared: the model's one codebook tensor is stored at the root instead. */
 static lv_status write_linear(hid_t blk, lv_lin k, const lv_aq_layer *L, double rel_err,
-                              const char *path)
+                              int shared, const char *path)
 {
     lv_status st = LV_OK;
     hid_t g = -1;
@@ -232,15 +233,20 @@ static lv_status write_linear(hid_t blk, lv_lin k, const lv_aq_layer *L, double 
     LV_TRY(attr_i64(g, "group_size", L->g, path));
     LV_TRY(attr_f64(g, "rel_err", rel_err, path));
     LV_TRY(dset_write(g, "codes", H5T_NATIVE_UINT16, H5T_STD_U16LE, 3, cd, L->codes, path));
-    LV_TRY(dset_write(g, "codebooks", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 3, bd, L->codebooks, path));
+    if (!shared)
+        LV_TRY(dset_write(g, "codebooks", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 3, bd, L->codebooks,
+                          path));
     LV_TRY(dset_write(g, "scales", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 1, &L->d_out, L->scales, path));
 done:
     if (g >= 0) H5Gclose(g);
     return st;
 }
 
+/* shared (may be NULL): the model's one codebook tensor, shape (M, 2^nbits, g) of
+ * shared_dims, copied into L instead of reading the linear's own. */
 static lv_status read_linear(hid_t blk, lv_lin k, const lv_model_config *cfg, lv_aq_layer *L,
-                             double *rel_err, const char *path, const char *where)
+                             double *rel_err, const float *shared, const int *shared_dims,
+                             const char *path, const char *where)
 {
     lv_status st = LV_OK;
     hid_t g = -1;
@@ -265,7 +271,15 @@ static lv_status read_linear(hid_t blk, lv_lin k, const lv_model_config *cfg, lv
     int64_t cd[3] = {L->d_out, L->n_groups, L->M};
     int64_t bd[3] = {L->M, (int64_t)1 << L->nbits, L->g};
     LV_TRY(dset_read(g, "codes", H5T_NATIVE_UINT16, H5T_INTEGER, 3, cd, L->codes, path, w));
-    LV_TRY(dset_read(g, "codebooks", H5T_NATIVE_FLOAT, H5T_FLOAT, 3, bd, L->codebooks, path, w));
+    if (shared) {
+        if (M != shared_dims[0] || nbits != shared_dims[1] || gs != shared_dims[2])
+            LV_FAIL(LV_ERR_FORMAT, "%s: %s is %dx%dg%d but the shared codebooks are %dx%dg%d",
+                    path, w, M, nbits, gs, shared_dims[0], shared_dims[1], shared_dims[2]);
+        memcpy(L->codebooks, shared, sizeof(float) * (size_t)(bd[0] * bd[1] * bd[2]));
+    } else {
+        LV_TRY(dset_read(g, "codebooks", H5T_NATIVE_FLOAT, H5T_FLOAT, 3, bd, L->codebooks, path,
+                         w));
+    }
     LV_TRY(dset_read(g, "scales", H5T_NATIVE_FLOAT, H5T_FLOAT, 1, &L->d_out, L->scales, path, w));
     int64_t nc = cd[0] * cd[1] * cd[2];
     uint32_t K = 1u << nbits;
@@ -284,7 +298,7 @@ done:
 }
 
 static lv_status write_block(hid_t loc, const char *name, const lv_qblock *b, int layer,
-                             int dim, const char *path)
+                             int dim, int shared, const char *path)
 {
     lv_status st = LV_OK;
     hid_t g = -1;
@@ -295,7 +309,7 @@ static lv_status write_block(hid_t loc, const char *name, const lv_qblock *b, in
     LV_TRY(dset_write(g, "attn_norm", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 1, &d, b->attn_norm, path));
     LV_TRY(dset_write(g, "ffn_norm", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 1, &d, b->ffn_norm, path));
     for (int k = 0; k < LV_LIN_COUNT; k++)
-        LV_TRY(write_linear(g, (lv_lin)k, &b->lin[k], b->rel_err[k], path));
+        LV_TRY(write_linear(g, (lv_lin)k, &b->lin[k], b->rel_err[k], shared, path));
 done:
     if (g >= 0) H5Gclose(g);
     return st;
@@ -303,7 +317,8 @@ done:
 
 /* Reads block group `name` into b (b zeroed; freed by the caller on failure). */
 static lv_status read_block(hid_t loc, const char *name, const lv_model_config *cfg, lv_qblock *b,
-                            int *layer, const char *path)
+                            int *layer, const float *shared, const int *shared_dims,
+                            const char *path)
 {
     lv_status st = LV_OK;
     hid_t g = -1;
@@ -319,7 +334,8 @@ static lv_status read_block(hid_t loc, const char *name, const lv_model_config *
     LV_TRY(check_finite(b->attn_norm, d, path, "attn_norm"));
     LV_TRY(check_finite(b->ffn_norm, d, path, "ffn_norm"));
     for (int k = 0; k < LV_LIN_COUNT; k++)
-        LV_TRY(read_linear(g, (lv_lin)k, cfg, &b->lin[k], &b->rel_err[k], path, name));
+        LV_TRY(read_linear(g, (lv_lin)k, cfg, &b->lin[k], &b->rel_err[k], shared, shared_dims,
+                           path, name));
 done:
     if (g >= 0) H5Gclose(g);
     return st;
@@ -435,6 +451,31 @@ done:
 
 /* ---------------- public: whole model ---------------- */
 
+static uint64_t qmodel_checksum(const lv_qmodel *q);
+
+/* The one codebook tensor of a shared-codebook model at the root, after
+ * checking that every linear holds the same copy (a model that claims sharing
+ * but does not share would be silently wrong once stored once). */
+static lv_status write_shared_codebooks(hid_t f, const lv_qmodel *q, const char *path)
+{
+    lv_status st = LV_OK;
+    const lv_aq_layer *L0 = &q->blocks[0].lin[0];
+    int64_t bd[3] = {L0->M, (int64_t)1 << L0->nbits, L0->g};
+    const size_t bytes = sizeof(float) * (size_t)(bd[0] * bd[1] * bd[2]);
+    for (int l = 0; l < q->cfg.n_layers; l++)
+        for (int k = 0; k < LV_LIN_COUNT; k++) {
+            const lv_aq_layer *L = &q->blocks[l].lin[k];
+            if (L->M != L0->M || L->nbits != L0->nbits || L->g != L0->g ||
+                memcmp(L->codebooks, L0->codebooks, bytes) != 0)
+                LV_FAIL(LV_ERR_INVALID_ARG, "%s: shared codebooks: block %d %s holds other "
+                        "codebooks than block 0 wq", path, l, lv_lin_name((lv_lin)k));
+        }
+    LV_TRY(dset_write(f, "codebooks", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 3, bd, L0->codebooks,
+                      path));
+done:
+    return st;
+}
+
 lv_status io_qmodel_write(const lv_qmodel *q, const char *path)
 {
     lv_status st = LV_OK;
@@ -454,6 +495,9 @@ lv_status io_qmodel_write(const lv_qmodel *q, const char *path)
     LV_TRY(attr_u64(f, "job_hash", q->job_hash, path));
     LV_TRY(attr_u64(f, "model_hash", q->model_hash, path));
     LV_TRY(attr_f64(f, "bpw_total", lv_qmodel_bits_per_weight(q), path));
+    LV_TRY(attr_i64(f, "shared_codebooks", q->shared_codebooks ? 1 : 0, path));
+    LV_TRY(attr_u64(f, "checksum", qmodel_checksum(q), path));
+    if (q->shared_codebooks) LV_TRY(write_shared_codebooks(f, q, path));
     LV_TRY(dset_write(f, "tok_embeddings", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 2, emb, q->tok_emb, path));
     LV_TRY(dset_write(f, "final_norm", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 1, &d, q->final_norm, path));
     if (!c->tied_cls)
@@ -462,7 +506,7 @@ lv_status io_qmodel_write(const lv_qmodel *q, const char *path)
     for (int l = 0; l < c->n_layers; l++) {
         char name[16];
         snprintf(name, sizeof name, "%03d", l);
-        LV_TRY(write_block(blocks, name, &q->blocks[l], l, c->dim, path));
+        LV_TRY(write_block(blocks, name, &q->blocks[l], l, c->dim, q->shared_codebooks, path));
     }
     H5Gclose(blocks);
     blocks = -1;
@@ -482,6 +526,8 @@ lv_status io_qmodel_read(lv_qmodel **out, const char *path)
     lv_status st = LV_OK;
     hid_t f = -1, blocks = -1;
     lv_qmodel *q = NULL;
+    float *shared = NULL;
+    int sdims[3] = {0, 0, 0};
     *out = NULL;
     LV_TRY(open_checked(&f, path, H5_FORMAT_NAME));
     LV_ALLOC(q, 1);
@@ -492,6 +538,16 @@ lv_status io_qmodel_read(lv_qmodel **out, const char *path)
     LV_TRY(attr_get_int(f, "group_size", &q->g, 1, 1 << 16, path));
     LV_TRY(attr_read(f, "job_hash", H5T_NATIVE_UINT64, &q->job_hash, path));
     LV_TRY(attr_read(f, "model_hash", H5T_NATIVE_UINT64, &q->model_hash, path));
+    /* absent in files written before codebook sharing existed: not shared */
+    if (H5Aexists(f, "shared_codebooks") > 0)
+        LV_TRY(attr_get_int(f, "shared_codebooks", &q->shared_codebooks, 0, 1, path));
+    if (q->shared_codebooks) {
+        sdims[0] = q->M, sdims[1] = q->nbits, sdims[2] = q->g;
+        int64_t bd[3] = {q->M, (int64_t)1 << q->nbits, q->g};
+        LV_ALLOC(shared, (size_t)(bd[0] * bd[1] * bd[2]));
+        LV_TRY(dset_read(f, "codebooks", H5T_NATIVE_FLOAT, H5T_FLOAT, 3, bd, shared, path, ""));
+        LV_TRY(check_finite(shared, bd[0] * bd[1] * bd[2], path, "codebooks"));
+    }
     int64_t emb[2] = {c->vocab_size, c->dim}, d = c->dim;
     LV_ALLOC(q->tok_emb, (size_t)emb[0] * (size_t)emb[1]);
     LV_ALLOC(q->final_norm, (size_t)d);
@@ -510,8 +566,15 @@ lv_status io_qmodel_read(lv_qmodel **out, const char *path)
         char name[16];
         int layer = -1;
         snprintf(name, sizeof name, "%03d", l);
-        LV_TRY(read_block(blocks, name, c, &q->blocks[l], &layer, path));
+        LV_TRY(read_block(blocks, name, c, &q->blocks[l], &layer, shared, sdims, path));
         if (layer != l) LV_FAIL(LV_ERR_FORMAT, "%s: blocks/%s holds layer %d", path, name, layer);
+    }
+    /* absent in files written before it existed */
+    if (H5Aexists(f, "checksum") > 0) {
+        uint64_t sum = 0;
+        LV_TRY(attr_read(f, "checksum", H5T_NATIVE_UINT64, &sum, path));
+        if (sum != qmodel_checksum(q))
+            LV_FAIL(LV_ERR_FORMAT, "%s: checksum mismatch: the model's data is corrupt", path);
     }
     *out = q;
     q = NULL;
@@ -519,6 +582,7 @@ done:
     if (blocks >= 0) H5Gclose(blocks);
     if (f >= 0) H5Fclose(f);
     lv_qmodel_free(q);
+    free(shared);
     return st;
 }
 
@@ -539,7 +603,7 @@ lv_status io_qblock_write(const char *path, const lv_qblock *b, int layer,
     LV_TRY(attr_u64(f, "job_hash", job_hash, path));
     LV_TRY(attr_u64(f, "model_hash", model_hash, path));
     LV_TRY(attr_u64(f, "checksum", io_qblock_checksum(b), path));
-    LV_TRY(write_block(f, "block", b, layer, cfg->dim, path));
+    LV_TRY(write_block(f, "block", b, layer, cfg->dim, 0, path));
     H5CHK(H5Fflush(f, H5F_SCOPE_GLOBAL), "%s: flush failed", tmp);
     H5CHK(H5Fclose(f), "%s: close failed", tmp);
     f = -1;
@@ -567,7 +631,7 @@ static lv_status qblock_load(const char *path, const lv_model_config *cfg, lv_qb
     LV_TRY(attr_read(f, "job_hash", H5T_NATIVE_UINT64, &info->job_hash, path));
     LV_TRY(attr_read(f, "model_hash", H5T_NATIVE_UINT64, &info->model_hash, path));
     LV_TRY(attr_read(f, "checksum", H5T_NATIVE_UINT64, &info->checksum, path));
-    LV_TRY(read_block(f, "block", &info->cfg, b, &info->layer, path));
+    LV_TRY(read_block(f, "block", &info->cfg, b, &info->layer, NULL, NULL, path));
     if (io_qblock_checksum(b) != info->checksum)
         LV_FAIL(LV_ERR_FORMAT, "%s: checksum mismatch: the block's data is corrupt", path);
     info->block_mse = b->block_mse;
@@ -632,6 +696,22 @@ uint64_t io_qblock_checksum(const lv_qblock *b)
         h = fnv(h, &b->rel_err[k], sizeof(double));
     }
     return fnv(h, &b->block_mse, sizeof(double));
+}
+
+/* The model file's checksum: FNV-1a over the embeddings, final norm and
+ * classifier, then every block's checksum in order. */
+static uint64_t qmodel_checksum(const lv_qmodel *q)
+{
+    const lv_model_config *c = &q->cfg;
+    const size_t emb = (size_t)c->vocab_size * (size_t)c->dim * sizeof(float);
+    uint64_t h = fnv(0xcbf29ce484222325ULL, q->tok_emb, emb);
+    h = fnv(h, q->final_norm, (size_t)c->dim * sizeof(float));
+    if (!c->tied_cls) h = fnv(h, q->wcls, emb);
+    for (int l = 0; l < c->n_layers; l++) {
+        uint64_t b = io_qblock_checksum(&q->blocks[l]);
+        h = fnv(h, &b, sizeof b);
+    }
+    return h;
 }
 
 /* ---------------- dequantized FP view ---------------- */

@@ -39,11 +39,13 @@ static const job_key schema[] = {
      "k-means iterations of the codebook initialisation"},
     {"quant", "codebook_update", JOB_ENUM, "adam", NOLIM, "adam|lstsq",
      "codebook update between code searches: Adam or closed-form least squares"},
-                {"quant", "propagation", JOB_ENUM, "quantized", NOLIM, "quantized|fp",
+    {"quant", "propagation", JOB_ENUM, "quantized", NOLIM, "quantized|fp",
      "inputs of the next block: outputs of the quantized block (AQLM) or of the FP one (parallel)"},
+    {"quant", "share_codebooks", JOB_ENUM, "none", NOLIM, "none|model",
+     "none: codebooks per linear; model: ONE codebook tensor for every linear of the model "
+     "(stored and counted once; needs propagation = fp; for small models, where per-linear "
+     "codebooks cost more bits than the codes)"},
 
-    /* [finetune] */
-                    
     /* [finetune] */
     {"finetune", "enable", JOB_BOOL, "true", NOLIM, NULL,
      "block fine-tuning: codebooks, scales and norms trained with Adam to match the FP block"},
@@ -61,9 +63,9 @@ static const job_key schema[] = {
     /* [run] */
     {"run", "seed", JOB_INT, "0", 0, 9.0e15, NULL,
      "seed of every random choice: same job + seed = bit-identical codes"},
-        {"run", "checkpoint_dir", JOB_PATH, "", NOLIM, NULL,
+    {"run", "checkpoint_dir", JOB_PATH, "", NOLIM, NULL,
      "where finished blocks are checkpointed (default: OUTPUT_DIR/checkpoint)"},
-    
+
     /* [output] */
     {"output", "dir", JOB_PATH, "out", NOLIM, NULL,
      "output directory: model.h5 and summary.json"},

@@ -133,7 +133,8 @@ double lv_qmodel_bits_per_weight(const lv_qmodel *q)
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *L = &q->blocks[l].lin[k];
             bits += (double)L->d_out * (double)L->n_groups * L->M * L->nbits;
-            bits += (double)L->M * (double)(1 << L->nbits) * L->g * 16.0;
+            if (!q->shared_codebooks || (l == 0 && k == 0))
+                bits += (double)L->M * (double)(1 << L->nbits) * L->g * 16.0;
             bits += (double)L->d_out * 16.0;
             weights += (double)L->d_out * (double)L->d_in;
         }

@@ -64,6 +64,9 @@ typedef struct {
     float *wcls;                  /* (vocab, dim), owned; NULL when cfg.tied_cls */
     lv_qblock *blocks;            /* (n_layers), owned */
     uint64_t job_hash, model_hash;
+    int shared_codebooks;         /* 1: every linear of every block holds an identical copy
+                                     of ONE codebook tensor (quant.share_codebooks = model):
+                                     stored once in files, counted once in bits per weight */
 } lv_qmodel;
 
 /* Allocate arrays of L for the given shape (codes zero, scales one). */
@@ -80,7 +83,8 @@ lv_status lv_qmodel_init(lv_qmodel **out, const lv_model *fp, int M, int nbits, 
 void lv_qmodel_free(lv_qmodel *q);
 
 /* Total storage bits per quantized weight over all linears of the model:
- * codes + codebooks (16-bit) + scales (16-bit), as in AQLM's accounting. */
+ * codes + codebooks (16-bit) + scales (16-bit), as in AQLM's accounting; with
+ * shared_codebooks the one codebook tensor counts once. */
 double lv_qmodel_bits_per_weight(const lv_qmodel *q);
 
 #endif

@@ -22,27 +22,8 @@
 #include "kern.h"
 #include "pipe.h"
 #include "pipe_plan.h"
-#include "stage.h"
+#include "quantize_impl.h"
 
-typedef struct {
-    /* job */
-    const char *model_path, *tok_path, *calib_path, *out_dir, *eval_path, *prop;
-    char ckpt_dir[4096];
-    int64_t nsamples, seqlen, seed, eval_ctx, eval_max;
-    stage_aqlm_config acfg;
-    int ft_enable;
-    stage_ft_config ft;
-    uint64_t job_hash, model_hash;
-    /* data */
-    lv_model *fp;
-    io_tokenizer *tok;
-    int32_t *seqs; /* (n_seq, T) */
-    int64_t n_seq;
-    int T;
-    /* results */
-    double ppl_fp, ppl_quant, wall_s;
-    int n_resumed;
-} qjob;
 
 static lv_status mkdir_p(const char *path)
 {
@@ -79,6 +60,13 @@ static lv_status read_job(qjob *q, const job_file *j)
     LV_TRY(job_get_int(j, "output.eval_ctx", &q->eval_ctx));
     LV_TRY(job_get_int(j, "output.eval_max_tokens", &q->eval_max));
     LV_TRY(job_get_str(j, "quant.propagation", &q->prop));
+    const char *share = NULL;
+    LV_TRY(job_get_str(j, "quant.share_codebooks", &share));
+    q->share_model = !strcmp(share, "model");
+    if (q->share_model && strcmp(q->prop, "fp") != 0)
+        LV_FAIL(LV_ERR_INVALID_ARG, "quant.share_codebooks = model needs quant.propagation = fp "
+                "(the shared codebooks are fitted to every block's Hessian at once, so all "
+                "blocks see the FP model's activations)");
     LV_TRY(pipe_job_stage_configs(j, &q->acfg, &q->ft_enable, &q->ft));
     if (ck[0])
         snprintf(q->ckpt_dir, sizeof q->ckpt_dir, "%s", ck);
@@ -210,7 +198,7 @@ done:
     return st;
 }
 
-static double rel_mse(const float *a, const float *ref, size_t n)
+double pipe_rel_mse(const float *a, const float *ref, size_t n)
 {
     double num = 0, den = 0;
     for (size_t i = 0; i < n; i++) {
@@ -228,6 +216,11 @@ static void swap_ptr(float **a, float **b)
     *b = t;
 }
 
+void pipe_block_path(const qjob *q, int layer, char *path, size_t cap)
+{
+    snprintf(path, cap, "%s/block_%03d.h5", q->ckpt_dir, layer);
+}
+
 /* One block: resume it from its checkpoint when that verifies, else quantize it
  * and checkpoint it; then advance the activations w->x_in to its outputs. */
 static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro)
@@ -239,7 +232,7 @@ static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro
     char path[4200];
     int resumed = 0;
     lv_model view;
-    snprintf(path, sizeof path, "%s/block_%03d.h5", q->ckpt_dir, layer);
+    pipe_block_path(q, layer, path, sizeof path);
     if (access(path, F_OK) == 0) {
         lv_qblock tmp;
         int got = -1;
@@ -276,7 +269,7 @@ static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro
         LV_TRY(stage_calib_block(&view, layer, w->y_q, q->n_seq, q->T, w->ws, micro, NULL));
     }
     if (!resumed) {
-        b->block_mse = rel_mse(w->y_q, w->y_fp, n);
+        b->block_mse = pipe_rel_mse(w->y_q, w->y_fp, n);
         LV_TRY(io_qblock_write(path, b, layer, c, q->job_hash, q->model_hash));
     } else {
         q->n_resumed++;
@@ -412,13 +405,14 @@ static lv_status assemble(qjob *q, double t_start)
     LV_TRY(lv_qmodel_init(&qm, q->fp, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size));
     for (int l = 0; l < c->n_layers; l++) {
         int got = -1;
-        snprintf(path, sizeof path, "%s/block_%03d.h5", q->ckpt_dir, l);
+        pipe_block_path(q, l, path, sizeof path);
         lv_qblock_free(&qm->blocks[l]);
         LV_TRY(io_qblock_read(path, c, q->job_hash, q->model_hash, &qm->blocks[l], &got));
         if (got != l) LV_FAIL(LV_ERR_FORMAT, "%s: holds block %d, expected %d", path, got, l);
     }
     qm->job_hash = q->job_hash;
     qm->model_hash = q->model_hash;
+    qm->shared_codebooks = q->share_model;
     snprintf(path, sizeof path, "%s/model.h5", q->out_dir);
     LV_TRY(io_qmodel_write(qm, path));
     lv_log("wrote %s (%.3f bits per weight: codes + codebooks + scales)", path,
@@ -491,11 +485,12 @@ static lv_status run_quantize(qjob *q, const job_file *j, comm_ctx *comm, int *f
     pipe_shard_of(c->n_layers, rank, size, &first, &last);
     if (rank == 0)
         lv_log("quantize %s: %d blocks on %d rank%s, %lld x %d calibration tokens, %dx%dg%d, "
-               "beam %d, propagation %s, checkpoints in %s", q->model_path, c->n_layers, size,
+               "beam %d, propagation %s%s, checkpoints in %s", q->model_path, c->n_layers, size,
                size > 1 ? "s" : "", (long long)q->n_seq, q->T, q->acfg.n_codebooks,
-               q->acfg.nbits, q->acfg.group_size, q->acfg.beam_size, q->prop, q->ckpt_dir);
+               q->acfg.nbits, q->acfg.group_size, q->acfg.beam_size, q->prop,
+               q->share_model ? ", codebooks shared by all linears" : "", q->ckpt_dir);
     if (size > 1) lv_log("shard: blocks %d..%d", first, last - 1);
-    st = quantize_shard(q, first, last, t0);
+    st = q->share_model ? pipe_quantize_shared(q, comm, t0) : quantize_shard(q, first, last, t0);
     LV_TRY(comm_agree_status(comm, st, &global, failed_rank));
     if (global != LV_OK) {
         st = global;

@@ -134,7 +134,7 @@ static void sh_log(const sh_ctx *c, const stage_aqlm_config *cfg, int it, double
 
 /* Alternate joint codebook update (+ scales) and per-layer beam search. */
 static lv_status sh_alternate(sh_ctx *c, const stage_aqlm_config *cfg, int iters,
-                              stage_aqlm_stats *sx)
+                              const stage_dist *dist, stage_aqlm_stats *sx)
 {
     lv_status st = LV_OK;
     double prev = stage_aq_set_eval(&c->set) / c->jref, t1;
@@ -146,8 +146,15 @@ static lv_status sh_alternate(sh_ctx *c, const stage_aqlm_config *cfg, int iters
         t1 = lv_now();
         const uint64_t seed = cfg->seed + SH_ITER_SEED * (uint64_t)(it + 1);
         for (int i = 0; i < c->n; i++)
-            LV_TRY(stage_aq_beam(&c->p[i], &c->set.L[i], &c->w[i],
-                                 seed + SH_LAYER_SEED * (uint64_t)i, &sx->n_candidates));
+            if (!dist || !dist->owns || dist->owns(dist->user, i))
+                LV_TRY(stage_aq_beam(&c->p[i], &c->set.L[i], &c->w[i],
+                                     seed + SH_LAYER_SEED * (uint64_t)i, &sx->n_candidates));
+        if (dist && dist->owns)
+            for (int i = 0; i < c->n; i++) {
+                const lv_aq_layer *L = &c->set.L[i];
+                LV_TRY(dist->share(dist->user, i, L->codes,
+                                   sizeof(uint16_t) * (size_t)(L->d_out * L->n_groups * L->M)));
+            }
         sx->beam_s += lv_now() - t1;
         double cur = stage_aq_set_eval(&c->set) / c->jref;
         if (it < STAGE_AQLM_MAX_HIST) sx->rel_err[it] = cur;
@@ -162,11 +169,11 @@ done:
     return st;
 }
 
-lv_status stage_aqlm_run_shared_weighted(int n_layers, const float *const *W,
-                                         const float *const *H, const int64_t *d_out,
-                                         const int64_t *d_in, const double *weight,
-                                         const stage_aqlm_config *cfg, lv_aq_layer *out,
-                                         stage_aqlm_stats *stats)
+lv_status stage_aqlm_run_shared_dist(int n_layers, const float *const *W, const float *const *H,
+                                     const int64_t *d_out, const int64_t *d_in,
+                                     const double *weight, const stage_aqlm_config *cfg,
+                                     const stage_dist *dist, lv_aq_layer *out,
+                                     stage_aqlm_stats *stats)
 {
     lv_status st = LV_OK;
     sh_ctx c = {0};
@@ -180,12 +187,22 @@ lv_status stage_aqlm_run_shared_weighted(int n_layers, const float *const *W,
     LV_TRY(sh_init(&c, n_layers, W, H, d_out, d_in, weight, cfg, out, need, beam));
     LV_TRY(sh_vq_init(&c, cfg, out));
     sx.init_s = lv_now() - t0;
-    LV_TRY(sh_alternate(&c, cfg, iters, &sx));
+    LV_TRY(sh_alternate(&c, cfg, iters, dist, &sx));
     sx.wall_s = lv_now() - t0;
     if (stats) *stats = sx;
 done:
     sh_free(&c);
     return st;
+}
+
+lv_status stage_aqlm_run_shared_weighted(int n_layers, const float *const *W,
+                                         const float *const *H, const int64_t *d_out,
+                                         const int64_t *d_in, const double *weight,
+                                         const stage_aqlm_config *cfg, lv_aq_layer *out,
+                                         stage_aqlm_stats *stats)
+{
+    return stage_aqlm_run_shared_dist(n_layers, W, H, d_out, d_in, weight, cfg, NULL, out,
+                                      stats);
 }
 
 lv_status stage_aqlm_run_shared(int n_layers, const float *const *W, const float *const *H,

@@ -10,11 +10,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "stage.h"
+#include "stage_impl.h"
 
 #define FT_ADAM_EPS 1e-8
 
-static stage_ft_config ft_defaults(const stage_ft_config *in)
+stage_ft_config stage_ft_defaults(const stage_ft_config *in)
 {
     stage_ft_config c = {0};
     if (in) c = *in;
@@ -28,7 +28,7 @@ static stage_ft_config ft_defaults(const stage_ft_config *in)
     return c;
 }
 
-static lv_status check_ft(const stage_ft_config *c)
+lv_status stage_ft_check(const stage_ft_config *c)
 {
     lv_status st = LV_OK;
     if (!(c->lr > 0.0f) || !isfinite(c->lr) || !(c->beta1 >= 0.0f && c->beta1 < 1.0f) ||
@@ -47,7 +47,7 @@ done:
 
 /* Held-out relative MSE sum (y - y_fp)^2 / sum y_fp^2 over n_seq sequences, in
  * micro-batches of up to bmax; sums in sequence order (deterministic). */
-static lv_status eval_rel(stage_ft_ws *ws, const lv_qblock *b, const float *x, const float *y_fp,
+lv_status stage_ft_eval_rel(stage_ft_ws *ws, const lv_qblock *b, const float *x, const float *y_fp,
                           int64_t n_seq, int T, int dim, int bmax, float *ybuf, double *rel)
 {
     lv_status st = LV_OK;
@@ -81,7 +81,7 @@ static void params_copy(float **seg, const int64_t *len, int n_seg, float *flat,
 }
 
 /* One Adam step (PyTorch's form) over the first n_seg segments. */
-static void adam_step(float **seg, const int64_t *len, int n_seg, const float *grad, float *m,
+void stage_ft_adam_step(float **seg, const int64_t *len, int n_seg, const float *grad, float *m,
                       float *v, int64_t t, const stage_ft_config *c)
 {
     const double bc1 = 1.0 - pow(c->beta1, (double)t), bc2 = 1.0 - pow(c->beta2, (double)t);
@@ -101,7 +101,7 @@ static void adam_step(float **seg, const int64_t *len, int n_seg, const float *g
     }
 }
 
-static void shuffle(int64_t *perm, int64_t n, lv_rng *r)
+void stage_ft_shuffle(int64_t *perm, int64_t n, lv_rng *r)
 {
     for (int64_t i = n - 1; i > 0; i--) {
         int64_t j = (int64_t)(lv_rng_u64(r) % (uint64_t)(i + 1));
@@ -134,7 +134,7 @@ static lv_status train_epoch(ft_run *r, stage_ft_stats *sx)
     lv_status st = LV_OK;
     double loss_sum = 0.0;
     int64_t n_steps = 0;
-    shuffle(r->perm, r->n_train, &r->rng);
+    stage_ft_shuffle(r->perm, r->n_train, &r->rng);
     for (int64_t s0 = 0; s0 < r->n_train; s0 += r->bmax) {
         int B = (int)(r->n_train - s0 < r->bmax ? r->n_train - s0 : r->bmax);
         for (int j = 0; j < B; j++) {
@@ -148,7 +148,7 @@ static lv_status train_epoch(ft_run *r, stage_ft_stats *sx)
             sx->diverged = 1;
             break;
         }
-        adam_step(r->seg, r->len, r->n_train_seg, r->grad, r->m, r->v, ++sx->steps, &r->ft);
+        stage_ft_adam_step(r->seg, r->len, r->n_train_seg, r->grad, r->m, r->v, ++sx->steps, &r->ft);
         loss_sum += loss;
         n_steps++;
     }
@@ -162,13 +162,13 @@ lv_status stage_finetune_block(const lv_model_config *cfg, lv_qblock *b, const f
                                const stage_ft_config *ft_in, stage_ft_stats *stats)
 {
     lv_status st = LV_OK;
-    ft_run r = {.ft = ft_defaults(ft_in), .b = b, .x_in = x_in, .y_fp = y_fp, .T = T};
+    ft_run r = {.ft = stage_ft_defaults(ft_in), .b = b, .x_in = x_in, .y_fp = y_fp, .T = T};
     float *best = NULL;
     int have_best = 0; /* best holds a snapshot: restored on any exit */
     stage_ft_stats sx = {0};
     const double t0 = lv_now();
 
-    LV_TRY(check_ft(&r.ft));
+    LV_TRY(stage_ft_check(&r.ft));
     if (!cfg || !b || !x_in || !y_fp)
         LV_FAIL(LV_ERR_INVALID_ARG, "fine-tune: NULL config, block, inputs or outputs");
     if (n_seq <= 0 || T <= 0)
@@ -201,7 +201,7 @@ lv_status stage_finetune_block(const lv_model_config *cfg, lv_qblock *b, const f
     for (int64_t i = 0; i < r.n_train; i++) r.perm[i] = i;
     lv_rng_seed(&r.rng, r.ft.seed ^ 0xf17e7a11b10cULL);
 
-    LV_TRY(eval_rel(r.ws, b, x_val, y_val, n_val, T, cfg->dim, r.bmax, r.yb, &sx.mse_before));
+    LV_TRY(stage_ft_eval_rel(r.ws, b, x_val, y_val, n_val, T, cfg->dim, r.bmax, r.yb, &sx.mse_before));
     double best_mse = sx.mse_before;
     params_copy(r.seg, r.len, STAGE_FT_N_SEGS, best, 1);
     have_best = 1;
@@ -215,7 +215,7 @@ lv_status stage_finetune_block(const lv_model_config *cfg, lv_qblock *b, const f
         sx.epochs = ep;
         double cur = INFINITY;
         if (!sx.diverged)
-            LV_TRY(eval_rel(r.ws, b, x_val, y_val, n_val, T, cfg->dim, r.bmax, r.yb, &cur));
+            LV_TRY(stage_ft_eval_rel(r.ws, b, x_val, y_val, n_val, T, cfg->dim, r.bmax, r.yb, &cur));
         if (cur < best_mse) {
             best_mse = cur;
             sx.best_epoch = ep;

@@ -54,6 +54,21 @@ lv_status stage_generate(const lv_model *m, const int32_t *prompt, int n_prompt,
                          int32_t **out, int *n_out);
 
 /* ========================================================================
+ * Work split over ranks for the stages that optimise many layers jointly
+ * (shared codebooks). The stage computes the per-layer (or per-block) part
+ * only for the items it owns and calls share(item) in item order on EVERY
+ * rank, which must make buf identical everywhere (the owner's bytes, e.g. an
+ * MPI broadcast from the owner). Joint quantities are then summed over items
+ * in item order on every rank, so results are bit-identical for any number of
+ * ranks. NULL (or owns == NULL) = everything local, share never called.
+ * ====================================================================== */
+typedef struct {
+    void *user;
+    int (*owns)(void *user, int item);
+    lv_status (*share)(void *user, int item, void *buf, size_t bytes);
+} stage_dist;
+
+/* ========================================================================
  * Layer-wise quantization: VPTQ-style init and AQLM (stages/vq.c, stages/aqlm.c).
  * See docs/quant-numerics.md for objective, update rules and padding rule.
  *
@@ -253,6 +268,26 @@ lv_status stage_finetune_block(const lv_model_config *cfg, lv_qblock *b, const f
                                const float *y_fp, int64_t n_seq, int T,
                                const stage_ft_config *ft, stage_ft_stats *stats);
 
+/* Joint fine-tuning of n_blocks blocks whose linears ALL share one codebook
+ * tensor (every lv_aq_layer of every block holds an identical copy, as
+ * stage_aqlm_run_shared leaves them). Loss: sum over blocks of block l's MSE
+ * against y_fp[l] divided by mean(y_fp[l]^2) (each block's relative MSE counts
+ * equally); the codebook gradient is the sum over all 7 * n_blocks copies,
+ * each block's scales and norms get their own. Every Adam step writes the one
+ * updated codebook into every copy: the copies stay bit-identical. Batches,
+ * hold-out and early stop as stage_finetune_block (same sequences for every
+ * block); the best held-out epoch is kept (never worse than the input).
+ * x_in[l], y_fp[l] (n_seq, T, dim): block l's inputs and FP outputs
+ * (borrowed; entries of blocks this rank does not own may be NULL).
+ * dist (may be NULL): item = block; a rank computes gradients and held-out
+ * errors of its own blocks only; afterwards the codebooks are right on every
+ * rank, scales/norms only in the blocks the rank owns. stats: mse_* are the
+ * mean over blocks of the held-out relative MSE. */
+lv_status stage_finetune_shared(const lv_model_config *cfg, lv_qblock *blocks, int n_blocks,
+                                const float *const *x_in, const float *const *y_fp,
+                                int64_t n_seq, int T, const stage_ft_config *ft,
+                                const stage_dist *dist, stage_ft_stats *stats);
+
 /* The pieces, for tests and for PV-tuning: forward + backward of one block. */
 #define STAGE_FT_N_SEGS (2 * LV_LIN_COUNT + 2)
 
@@ -322,6 +357,15 @@ lv_status stage_aqlm_run_shared_weighted(int n_layers, const float *const *W,
                                          const int64_t *d_in, const double *weight,
                                          const stage_aqlm_config *cfg, lv_aq_layer *out,
                                          stage_aqlm_stats *stats);
+
+/* stage_aqlm_run_shared_weighted with the beam searches split over ranks:
+ * item = layer index; each layer's codes are shared after every search. The
+ * pooled init and the joint codebook updates run on every rank (identical). */
+lv_status stage_aqlm_run_shared_dist(int n_layers, const float *const *W, const float *const *H,
+                                     const int64_t *d_out, const int64_t *d_in,
+                                     const double *weight, const stage_aqlm_config *cfg,
+                                     const stage_dist *dist, lv_aq_layer *out,
+                                     stage_aqlm_stats *stats);
 
 /* The init of stage_aqlm_run_shared_weighted alone (pooled VQ, shared
  * codebooks; cfg->kmeans_iters, seed, M, nbits, g are used). Same ownership rules. */

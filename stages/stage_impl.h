@@ -113,4 +113,22 @@ void stage_aq_set_broadcast(const stage_aq_set *s);
  * refit). Never raises the joint objective. */
 lv_status stage_aq_set_update_codebooks(stage_aq_set *s, const stage_aqlm_config *cfg);
 
+/* ---------------------------------------------------------------- fine-tuning
+ * pieces (finetune.c) shared by the block and the shared-codebook trainers */
+
+/* The config with zero fields replaced by their defaults (stage.h). */
+stage_ft_config stage_ft_defaults(const stage_ft_config *in);
+lv_status stage_ft_check(const stage_ft_config *c);
+/* Held-out relative MSE sum (y - y_fp)^2 / sum y_fp^2 of block b over n_seq
+ * sequences in micro-batches of up to bmax (ybuf (bmax, T, dim)); fixed order. */
+lv_status stage_ft_eval_rel(stage_ft_ws *ws, const lv_qblock *b, const float *x,
+                            const float *y_fp, int64_t n_seq, int T, int dim, int bmax,
+                            float *ybuf, double *rel);
+/* One Adam step (PyTorch's form, eps 1e-8) over n_seg segments; grad, m, v are
+ * flat in segment order; t is the 1-based step number. */
+void stage_ft_adam_step(float **seg, const int64_t *len, int n_seg, const float *grad, float *m,
+                        float *v, int64_t t, const stage_ft_config *c);
+/* Fisher-Yates shuffle of perm (n) with r. */
+void stage_ft_shuffle(int64_t *perm, int64_t n, lv_rng *r);
+
 #endif

@@ -20,3 +20,5 @@ llmvq_add_script_test(NAME slurm_requeue LABELS "slurm;slow" TIMEOUT 900 ENV ${L
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/slurm_requeue.sh)
 llmvq_add_script_test(NAME plan LABELS cli ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/plan.sh)
+llmvq_add_script_test(NAME quantize_shared LABELS "cli;mpi" ENV ${LLMVQ_MPI_ASAN_ENV}
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_shared.sh)

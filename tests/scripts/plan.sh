@@ -7,7 +7,7 @@
 # predicted vs actual wall time (not asserted: timing on a loaded machine is noisy).
 . "$(dirname "$0")/lib.sh"
 : "${LLMVQ_SOURCE_DIR:?}"
-JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
+JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit-permatrix.ini
 PY=$(command -v python3)
 
 # json FILE EXPR: evaluate a python expression on the parsed JSON (j)

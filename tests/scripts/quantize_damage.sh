@@ -6,7 +6,7 @@
 # with the same model.
 . "$(dirname "$0")/lib.sh"
 : "${LLMVQ_SOURCE_DIR:?}"
-JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
+JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit-permatrix.ini
 PY=$(command -v python3)
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 base=("$JOB" --set output.eval_data= --set calibration.nsamples=16 --set finetune.max_epochs=2)

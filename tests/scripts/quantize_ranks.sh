@@ -3,7 +3,7 @@
 # in one process or sharded over 2 or 3 MPI ranks (oversubscribed on 2 cores).
 . "$(dirname "$0")/lib.sh"
 : "${LLMVQ_SOURCE_DIR:?}"
-JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
+JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit-permatrix.ini
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 common=(--quiet --set quant.propagation=fp --set output.eval_data= --set calibration.nsamples=16 --set finetune.max_epochs=2)
 "$LLMVQ_BIN" quantize "$JOB" "${common[@]}" --set output.dir="$T/np1" >/dev/null 2>"$T/log1" \

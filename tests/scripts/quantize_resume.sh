@@ -5,7 +5,7 @@
 # whose checkpoint was complete, and must leave those checkpoint files untouched.
 . "$(dirname "$0")/lib.sh"
 : "${LLMVQ_SOURCE_DIR:?}"
-JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
+JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit-permatrix.ini
 PY=$(command -v python3)
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 RANDOM=20261124

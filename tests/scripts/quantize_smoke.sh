@@ -4,7 +4,7 @@
 # pass makes, where quantize_e2e (the shipped job) is too slow.
 . "$(dirname "$0")/lib.sh"
 : "${LLMVQ_SOURCE_DIR:?}"
-JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
+JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit-permatrix.ini
 PY=$(command -v python3)
 O=$T/out
 if "$LLMVQ_BIN" quantize "$JOB" --quiet --set output.dir="$O" --set calibration.nsamples=6 \

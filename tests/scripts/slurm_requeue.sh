@@ -12,7 +12,7 @@
 export PATH=$PATH:/usr/sbin:/sbin # munged, slurmctld, slurmd
 SL=$LLMVQ_SOURCE_DIR/tools/slurm-local.sh
 SBATCH_SCRIPT=$LLMVQ_SOURCE_DIR/slurm/llmvq-1node.sbatch
-JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
+JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit-permatrix.ini
 C=$T/slurm # the cluster's scratch directory
 export SLURM_CONF=$C/slurm.conf
 cluster_started=0
