@@ -15,6 +15,8 @@
 int comm_rank(const comm_ctx *c) { return c->rank; }
 int comm_size(const comm_ctx *c) { return c->size; }
 comm_backend comm_get_backend(const comm_ctx *c) { return c->backend; }
+double comm_timeout(const comm_ctx *c) { return c->timeout_s; }
+
 void comm_set_timeout(comm_ctx *c, double seconds) { c->timeout_s = seconds > 0 ? seconds : 600; }
 
 lv_status comm_ctx_init(comm_ctx **out, MPI_Comm world, const comm_config *cfg)
@@ -107,6 +109,30 @@ lv_status comm_recv(comm_ctx *c, void *h_buf, size_t bytes, int src, int tag)
         p += n;
         bytes -= n;
     } while (bytes > 0);
+done:
+    return st;
+}
+
+lv_status comm_try_recv(comm_ctx *c, void *h_buf, size_t bytes, int tag, int *src, int *got)
+{
+    lv_status st = LV_OK;
+    int flag = 0, count = 0;
+    MPI_Status ms;
+    *got = 0;
+    if (bytes > COMM_CHUNK_BYTES)
+        LV_FAIL(LV_ERR_INVALID_ARG, "try_recv: %zu bytes is more than one message", bytes);
+    if (MPI_Iprobe(MPI_ANY_SOURCE, tag, c->comm, &flag, &ms) != MPI_SUCCESS)
+        LV_FAIL(LV_ERR_MPI, "probe for messages (tag %d): MPI_Iprobe failed", tag);
+    if (!flag) goto done;
+    MPI_Get_count(&ms, MPI_BYTE, &count);
+    if ((size_t)count != bytes)
+        LV_FAIL(LV_ERR_MPI, "message from rank %d (tag %d) has %d bytes, expected %zu",
+                ms.MPI_SOURCE, tag, count, bytes);
+    if (MPI_Recv(h_buf, count, MPI_BYTE, ms.MPI_SOURCE, tag, c->comm, MPI_STATUS_IGNORE) !=
+        MPI_SUCCESS)
+        LV_FAIL(LV_ERR_MPI, "receive from rank %d (tag %d): MPI_Recv failed", ms.MPI_SOURCE, tag);
+    *src = ms.MPI_SOURCE;
+    *got = 1;
 done:
     return st;
 }

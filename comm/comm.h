@@ -35,10 +35,16 @@ int comm_rank(const comm_ctx *c);
 int comm_size(const comm_ctx *c);
 comm_backend comm_get_backend(const comm_ctx *c);
 void comm_set_timeout(comm_ctx *c, double seconds);
+double comm_timeout(const comm_ctx *c);
 
 /* Point to point, host buffers, any size (split into int-sized messages). */
 lv_status comm_send(comm_ctx *c, const void *h_buf, size_t bytes, int dst, int tag);
 lv_status comm_recv(comm_ctx *c, void *h_buf, size_t bytes, int src, int tag);
+
+/* Non-blocking: when a message with `tag` from any rank is waiting, receive
+ * it (exactly `bytes`, at most one MPI message) into h_buf, set *src and
+ * *got = 1; otherwise *got = 0 at once. For small status messages. */
+lv_status comm_try_recv(comm_ctx *c, void *h_buf, size_t bytes, int tag, int *src, int *got);
 
 /* Collective: bytes from root to all. Host buffers. */
 lv_status comm_bcast(comm_ctx *c, void *h_buf, size_t bytes, int root);

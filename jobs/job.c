@@ -361,6 +361,7 @@ done:
 static int key_hashed(const job_key *k)
 {
     return strcmp(k->section, "output") && strcmp(k->key, "checkpoint_dir") &&
+           strcmp(k->key, "scratch_dir") && strcmp(k->key, "comm_timeout_s") &&
            !(!strcmp(k->section, "model") && !strcmp(k->key, "path"));
 }
 

@@ -100,7 +100,10 @@ float lv_rng_normal(lv_rng *r);
 
 /* ---- logging to stderr: "[llmvq HH:MM:SS] message" ---- */
 void lv_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* Silence lv_log (tests, --quiet). */
+/* A warning: as lv_log, but still printed at quiet level 2. */
+void lv_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* 0: everything; 1: silence lv_log and lv_warn (tests, --quiet); 2: lv_warn
+ * only (MPI ranks other than 0: one progress stream). */
 void lv_log_set_quiet(int quiet);
 
 /* Monotonic wall clock in seconds. */

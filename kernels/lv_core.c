@@ -126,23 +126,37 @@ float lv_rng_normal(lv_rng *r)
 
 void lv_log_set_quiet(int quiet) { g_quiet = quiet; }
 
-void lv_log(const char *fmt, ...)
+static void log_line(const char *fmt, va_list ap)
 {
-    if (g_quiet) return;
     time_t t = time(NULL);
     struct tm tmv;
     localtime_r(&t, &tmv);
     char line[1024];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
     if (g_rank >= 0)
         fprintf(stderr, "[llmvq %02d:%02d:%02d r%d] %s\n", tmv.tm_hour, tmv.tm_min,
                 tmv.tm_sec, g_rank, line);
     else
         fprintf(stderr, "[llmvq %02d:%02d:%02d] %s\n", tmv.tm_hour, tmv.tm_min, tmv.tm_sec,
                 line);
+}
+
+void lv_log(const char *fmt, ...)
+{
+    if (g_quiet) return;
+    va_list ap;
+    va_start(ap, fmt);
+    log_line(fmt, ap);
+    va_end(ap);
+}
+
+void lv_warn(const char *fmt, ...)
+{
+    if (g_quiet == 1) return;
+    va_list ap;
+    va_start(ap, fmt);
+    log_line(fmt, ap);
+    va_end(ap);
 }
 
 double lv_now(void)

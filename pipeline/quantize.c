@@ -55,6 +55,7 @@ static lv_status read_job(qjob *q, const job_file *j)
     LV_TRY(job_get_int(j, "calibration.seqlen", &q->seqlen));
     LV_TRY(job_get_int(j, "run.seed", &q->seed));
     LV_TRY(job_get_str(j, "run.checkpoint_dir", &ck));
+    LV_TRY(job_get_str(j, "run.scratch_dir", &q->scratch_dir));
     LV_TRY(job_get_str(j, "output.dir", &q->out_dir));
     LV_TRY(job_get_str(j, "output.eval_data", &q->eval_path));
     LV_TRY(job_get_int(j, "output.eval_ctx", &q->eval_ctx));
@@ -129,7 +130,8 @@ done:
 typedef struct {
     kern_fwd_ws *ws;
     stage_block_hessians h;
-    float *x_in, *y_fp, *y_q; /* (n_seq, T, dim) each */
+    pipe_buf act[3];          /* storage of the three below */
+    float *x_in, *y_fp, *y_q; /* (n_seq, T, dim) each: swapped as blocks advance */
     float *H32;               /* (max d_in)^2 */
     float *wq_scratch;        /* floats of one block's linears */
     lv_layer *layers;         /* (n_layers) */
@@ -139,9 +141,7 @@ static void qwork_free(qwork *w)
 {
     kern_fwd_ws_free(w->ws);
     stage_block_hessians_free(&w->h);
-    free(w->x_in);
-    free(w->y_fp);
-    free(w->y_q);
+    for (int i = 0; i < 3; i++) pipe_buf_free(&w->act[i]);
     free(w->H32);
     free(w->wq_scratch);
     free(w->layers);
@@ -162,9 +162,10 @@ static lv_status qwork_init(qwork *w, const qjob *q, int micro)
     }
     LV_TRY(kern_fwd_ws_init(&w->ws, c, micro, q->T, 0));
     LV_TRY(stage_block_hessians_init(&w->h, c));
-    LV_ALLOC(w->x_in, act);
-    LV_ALLOC(w->y_fp, act);
-    LV_ALLOC(w->y_q, act);
+    for (int i = 0; i < 3; i++) LV_TRY(pipe_buf_alloc(&w->act[i], act, q->scratch_dir, "act"));
+    w->x_in = w->act[0].p;
+    w->y_fp = w->act[1].p;
+    w->y_q = w->act[2].p;
     LV_ALLOC(w->H32, dmax * dmax);
     LV_ALLOC(w->wq_scratch, lin);
     LV_ALLOC(w->layers, (size_t)c->n_layers);
@@ -243,7 +244,7 @@ static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro
         } else {
             char why[512];
             lv_last_error_line(why, sizeof why);
-            lv_log("block %d: checkpoint not used, recomputing: %s", layer, got == layer || got < 0 ? why : "holds another layer");
+            lv_warn("block %d: checkpoint not used, recomputing: %s", layer, got == layer || got < 0 ? why : "holds another layer");
             if (got >= 0) lv_qblock_free(&tmp);
         }
     }
@@ -355,8 +356,44 @@ done:
     return st;
 }
 
-/* This rank's part: FP prefix up to its shard, then its blocks. */
-static lv_status quantize_shard(qjob *q, int first, int last, double t_start)
+/* The inputs of this rank's first block, w->x_in, streamed through the ranks:
+ * rank 0 embeds the calibration tokens; every other rank receives them from
+ * the rank before, in chunks of `micro` sequences. Each chunk then runs
+ * through this shard's FP blocks and goes on to the next rank, so the FP
+ * calibration pass is a pipeline over the ranks and no rank recomputes the
+ * blocks before its shard. The chunks are the micro-batches every FP pass uses,
+ * so the floats are those of a single process. Collective over the ranks. */
+static lv_status stream_inputs(qjob *q, comm_ctx *comm, int first, int last, qwork *w,
+                               int micro)
+{
+    lv_status st = LV_OK;
+    const lv_model_config *c = &q->fp->cfg;
+    const int rank = comm_rank(comm), size = comm_size(comm);
+    const int64_t row = (int64_t)q->T * c->dim;
+    const int tag = 7001;
+    float *chunk = NULL;
+    if (rank == 0) kern_embed_ref(w->x_in, q->fp->tok_emb, q->seqs, q->n_seq * q->T, c->dim);
+    if (size == 1) goto done;
+    LV_ALLOC(chunk, (size_t)micro * (size_t)row);
+    for (int64_t s0 = 0; s0 < q->n_seq; s0 += micro) {
+        const int B = (int)(q->n_seq - s0 < micro ? q->n_seq - s0 : micro);
+        const size_t bytes = sizeof(float) * (size_t)B * (size_t)row;
+        float *x = w->x_in + s0 * row;
+        if (rank > 0) LV_TRY(comm_recv(comm, x, bytes, rank - 1, tag));
+        if (rank == size - 1) continue;
+        memcpy(chunk, x, bytes);
+        for (int l = first; l < last; l++)
+            LV_TRY(stage_calib_block(q->fp, l, chunk, B, q->T, w->ws, micro, NULL));
+        LV_TRY(comm_send(comm, chunk, bytes, rank + 1, tag));
+    }
+done:
+    free(chunk);
+    return st;
+}
+
+/* This rank's part: its inputs streamed from the rank before, then its blocks. */
+static lv_status quantize_shard(qjob *q, comm_ctx *comm, pipe_progress *prog, int first,
+                                int last, double t_start)
 {
     lv_status st = LV_OK;
     qwork w;
@@ -365,27 +402,21 @@ static lv_status quantize_shard(qjob *q, int first, int last, double t_start)
     const int micro = q->n_seq < 8 ? (int)q->n_seq : 8;
     memset(&w, 0, sizeof w);
     memset(&b, 0, sizeof b);
-    if (first >= last) goto done;
     LV_TRY(qwork_init(&w, q, micro));
-    kern_embed_ref(w.x_in, q->fp->tok_emb, q->seqs, q->n_seq * q->T, c->dim);
-    /* inputs of the shard's first block: the FP model's activations there */
-    for (int l = 0; l < first; l++)
-        LV_TRY(stage_calib_block(q->fp, l, w.x_in, q->n_seq, q->T, w.ws, micro, NULL));
+    LV_TRY(stream_inputs(q, comm, first, last, &w, micro));
+    if (first < last && comm_size(comm) > 1 && q->rank_logs)
+        lv_log("inputs of block %d received (%.1f s)", first, lv_now() - t_start);
     for (int l = first; l < last; l++) {
         if (pipe_stop_requested())
             LV_FAIL(LV_ERR_STOPPED, "stopped by a signal before block %d; finished blocks are "
                     "checkpointed in %s; rerun the same job to resume", l, q->ckpt_dir);
         int before = q->n_resumed;
+        const double tb = lv_now();
         LV_TRY(lv_qblock_init(&b, c, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size));
         memcpy(b.attn_norm, q->fp->layers[l].attn_norm, sizeof(float) * (size_t)c->dim);
         memcpy(b.ffn_norm, q->fp->layers[l].ffn_norm, sizeof(float) * (size_t)c->dim);
         LV_TRY(run_block(q, l, &w, &b, micro));
-        double el = lv_now() - t_start, eta = el / (l - first + 1) * (last - l - 1);
-        lv_log("block %d/%d %s  %.1f s elapsed, shard ETA %.1f s  block rel MSE %.4g  layer "
-               "err q %.3f k %.3f v %.3f o %.3f gate %.3f down %.3f up %.3f", l + 1,
-               c->n_layers, q->n_resumed > before ? "resumed" : "done   ", el, eta, b.block_mse,
-               b.rel_err[0], b.rel_err[1], b.rel_err[2], b.rel_err[3], b.rel_err[4],
-               b.rel_err[5], b.rel_err[6]);
+        LV_TRY(pipe_progress_block(prog, l, &b, q->n_resumed > before, lv_now() - tb));
         lv_qblock_free(&b);
     }
 done:
@@ -489,15 +520,29 @@ static lv_status run_quantize(qjob *q, const job_file *j, comm_ctx *comm, int *f
                size > 1 ? "s" : "", (long long)q->n_seq, q->T, q->acfg.n_codebooks,
                q->acfg.nbits, q->acfg.group_size, q->acfg.beam_size, q->prop,
                q->share_model ? ", codebooks shared by all linears" : "", q->ckpt_dir);
-    if (size > 1) lv_log("shard: blocks %d..%d", first, last - 1);
-    st = q->share_model ? pipe_quantize_shared(q, comm, t0) : quantize_shard(q, first, last, t0);
+    if (size > 1 && q->rank_logs) lv_log("shard: blocks %d..%d", first, last - 1);
+    pipe_progress prog;
+    LV_TRY(pipe_progress_init(&prog, comm, c->n_layers, t0, q->rank_logs));
+    st = q->share_model ? pipe_quantize_shared(q, comm, &prog, t0)
+                        : quantize_shard(q, comm, &prog, first, last, t0);
+    {
+        lv_status wst = pipe_progress_finish(&prog, st);
+        if (st == LV_OK) st = wst;
+    }
+    pipe_progress_free(&prog);
     LV_TRY(comm_agree_status(comm, st, &global, failed_rank));
     if (global != LV_OK) {
         st = global;
         goto done;
     }
     if (rank == 0) st = assemble(q, t0);
-    LV_TRY(comm_agree_status(comm, st, &global, failed_rank));
+    /* the others wait while rank 0 assembles and evaluates, however long that
+     * takes (a dead rank 0 ends the job through mpirun/srun) */
+    const double timeout = comm_timeout(comm);
+    comm_set_timeout(comm, 1e9);
+    lv_status ast = comm_agree_status(comm, st, &global, failed_rank);
+    comm_set_timeout(comm, timeout);
+    LV_TRY(ast);
     st = global;
 done:
     return st;
@@ -506,10 +551,12 @@ done:
 int pipe_cmd_quantize(int argc, char **argv)
 {
     const char *pos[1] = {NULL};
-    int n_pos = 0, quiet = 0, help_keys = 0;
+    int n_pos = 0, quiet = 0, help_keys = 0, rank_logs = 0;
     const pipe_opt opts[] = {
         {"set", PIPE_OPT_STR, NULL, "section.key=value: override a job key (repeatable)"},
         {"quiet", PIPE_OPT_FLAG, &quiet, "no progress on stderr"},
+        {"rank-logs", PIPE_OPT_FLAG, &rank_logs,
+         "every rank also logs its own blocks (default: rank 0 prints one line per block)"},
         {"help-keys", PIPE_OPT_FLAG, &help_keys, "print every job-file key (markdown) and exit"},
     };
     const int n_opts = (int)(sizeof opts / sizeof opts[0]);
@@ -549,16 +596,20 @@ int pipe_cmd_quantize(int argc, char **argv)
     int failed_rank = -1, rank = 0, mpi_up = 0;
     qjob q;
     memset(&q, 0, sizeof q);
+    q.rank_logs = rank_logs;
     if (MPI_Init(NULL, NULL) != MPI_SUCCESS) {
         fprintf(stderr, "llmvq quantize: MPI_Init failed\n");
         return PIPE_EXIT_ERROR;
     }
     mpi_up = 1;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    /* one progress stream: rank 0's (errors are printed by every rank regardless) */
+    if (rank != 0 && !rank_logs && !quiet) lv_log_set_quiet(2);
     LV_TRY(job_load(&j, pos[0]));
     for (int i = 0; i < n_sets; i++) LV_TRY(job_set(j, sets[i]));
     LV_TRY(job_validate(j));
     pipe_signals_install();
+    LV_TRY(job_get_float(j, "run.comm_timeout_s", &ccfg.timeout_s));
     LV_TRY(comm_ctx_init(&comm, MPI_COMM_WORLD, &ccfg));
     lv_error_set_rank(comm_size(comm) > 1 ? comm_rank(comm) : -1);
     st = run_quantize(&q, j, comm, &failed_rank);

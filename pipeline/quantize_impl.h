@@ -12,7 +12,9 @@ typedef struct {
     /* job */
     const char *model_path, *tok_path, *calib_path, *out_dir, *eval_path, *prop;
     int share_model;     /* quant.share_codebooks = model */
+    int rank_logs;       /* --rank-logs */
     char ckpt_dir[4096];
+    const char *scratch_dir; /* run.scratch_dir: "" = activations in RAM */
     int64_t nsamples, seqlen, seed, eval_ctx, eval_max;
     stage_aqlm_config acfg;
     int ft_enable;
@@ -29,6 +31,40 @@ typedef struct {
     int n_resumed;
 } qjob;
 
+/* An activation buffer: malloc'ed, or, with a scratch directory, a shared
+ * mapping of an unlinked file there (spilled to node-local disk under memory
+ * pressure; run.scratch_dir). */
+typedef struct {
+    float *p;
+    size_t n;      /* floats */
+    size_t mapped; /* bytes mapped; 0 = malloc'ed */
+} pipe_buf;
+/* what: a short name for the file ("act"). Errors name the directory. */
+lv_status pipe_buf_alloc(pipe_buf *b, size_t n_floats, const char *scratch_dir, const char *what);
+void pipe_buf_free(pipe_buf *b);
+
+/* The progress stream of a sharded job (progress.c): rank 0 prints one line
+ * per finished block of the whole model with elapsed time and ETA. */
+typedef struct {
+    comm_ctx *comm;
+    int size, rank, n_layers, rank_logs;
+    double t_start, longest_block, last_beat;
+    int n_done, first_bad;
+    int *done, *total, *finished; /* per rank, rank 0 only */
+    double *last_heard, *per_block;
+} pipe_progress;
+lv_status pipe_progress_init(pipe_progress *p, comm_ctx *comm, int n_layers, double t_start,
+                             int rank_logs);
+void pipe_progress_free(pipe_progress *p);
+/* A block of this rank is finished (block_s: its wall time). */
+lv_status pipe_progress_block(pipe_progress *p, int layer, const lv_qblock *b, int resumed,
+                              double block_s);
+/* Collective, after this rank's shard (local: its status): rank 0 prints the
+ * other shards' blocks as they finish and returns when every rank is done;
+ * the others wait for it. Waits as long as ranks keep reporting; a rank silent
+ * for longer than max(comm timeout, 3 x longest block) is an error. */
+lv_status pipe_progress_finish(pipe_progress *p, lv_status local);
+
 /* Relative MSE sum (a - ref)^2 / sum ref^2 over n floats, in order. */
 double pipe_rel_mse(const float *a, const float *ref, size_t n);
 
@@ -39,6 +75,6 @@ void pipe_block_path(const qjob *q, int layer, char *path, size_t cap);
  * FP calibration of all blocks, AQLM with one codebook tensor for all linears
  * (beam searches split over the ranks' shards), joint fine-tuning, then each
  * rank checkpoints the blocks of its shard. Collective. */
-lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, double t_start);
+lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, pipe_progress *prog, double t_start);
 
 #endif

@@ -4,7 +4,8 @@
  * codes; one shared tensor costs a fraction of a bit.
  *
  *  1. every rank: FP calibration through all blocks, keeping each block's
- *     inputs (n_layers + 1 activation sets) and every linear's Hessian;
+ *     inputs (n_layers + 1 activation sets, in RAM or spilled to
+ *     run.scratch_dir) and every linear's Hessian;
  *  2. shared AQLM over all linears (stage_aqlm_run_shared_dist): each rank
  *     runs the beam searches of its shard's linears, codes are broadcast from
  *     their owners, the joint codebook update runs identically everywhere;
@@ -54,6 +55,7 @@ static lv_status sh_share(void *user, int item, void *buf, size_t bytes)
 }
 
 typedef struct {
+    pipe_buf *xb;       /* (n_layers + 1) storage of x (RAM or run.scratch_dir) */
     float **x;          /* (n_layers + 1) activations (n_seq, T, dim): block l's input is x[l] */
     float **H;          /* (n_layers * 7) float Hessians, linear order */
     const float **W;    /* (n_layers * 7) borrowed FP weights */
@@ -63,7 +65,8 @@ typedef struct {
 
 static void sh_data_free(sh_data *s, int n_layers)
 {
-    for (int l = 0; s->x && l <= n_layers; l++) free(s->x[l]);
+    for (int l = 0; s->xb && l <= n_layers; l++) pipe_buf_free(&s->xb[l]);
+    free(s->xb);
     for (int i = 0; s->H && i < s->n_lin; i++) free(s->H[i]);
     free(s->x);
     free(s->H);
@@ -84,11 +87,15 @@ static lv_status sh_calibrate(const qjob *q, sh_data *s, int micro)
     stage_block_hessians h = {0};
     s->n_lin = L * LV_LIN_COUNT;
     LV_ALLOC(s->x, (size_t)L + 1);
+    LV_ALLOC(s->xb, (size_t)L + 1);
     LV_ALLOC(s->H, (size_t)s->n_lin);
     LV_ALLOC(s->W, (size_t)s->n_lin);
     LV_ALLOC(s->d_out, (size_t)s->n_lin);
     LV_ALLOC(s->d_in, (size_t)s->n_lin);
-    for (int l = 0; l <= L; l++) LV_ALLOC(s->x[l], act);
+    for (int l = 0; l <= L; l++) {
+        LV_TRY(pipe_buf_alloc(&s->xb[l], act, q->scratch_dir, "act"));
+        s->x[l] = s->xb[l].p;
+    }
     LV_TRY(kern_fwd_ws_init(&ws, c, micro, q->T, 0));
     LV_TRY(stage_block_hessians_init(&h, c));
     kern_embed_ref(s->x[0], q->fp->tok_emb, q->seqs, q->n_seq * q->T, c->dim);
@@ -126,7 +133,7 @@ static int sh_resume_aqlm(const qjob *q, const char *path, lv_qmodel *qm)
             r->blocks[l] = t;
         }
     } else {
-        lv_log("%s: not used, recomputing the shared AQLM step (not a verified checkpoint of "
+        lv_warn("%s: not used, recomputing the shared AQLM step (not a verified checkpoint of "
                "this job and model)", path);
     }
     lv_qmodel_free(r);
@@ -189,7 +196,7 @@ static int sh_blocks_done(const qjob *q, int first, int last)
         if (st != LV_OK || got != l) {
             char why[512];
             lv_last_error_line(why, sizeof why);
-            lv_log("block %d: checkpoint not used, recomputing: %s", l,
+            lv_warn("block %d: checkpoint not used, recomputing: %s", l,
                    st == LV_OK ? "holds another layer" : why);
             return 0;
         }
@@ -197,7 +204,7 @@ static int sh_blocks_done(const qjob *q, int first, int last)
     return 1;
 }
 
-lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, double t_start)
+lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, pipe_progress *prog, double t_start)
 {
     lv_status st = LV_OK;
     const lv_model_config *c = &q->fp->cfg;
@@ -267,9 +274,9 @@ lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, double t_start)
     LV_ALLOC(layers, (size_t)L);
     LV_ALLOC(yq, act);
     LV_TRY(kern_fwd_ws_init(&ws, c, micro, q->T, 0));
-    const double t_blocks = lv_now();
     for (int l = d.first; l < d.last && st == LV_OK; l++) {
         lv_qblock *b = &qm->blocks[l];
+        const double tb = lv_now();
         lv_model view;
         st = io_qblock_fp_view(q->fp, l, b, wscr, layers, &view);
         if (st != LV_OK) break;
@@ -279,12 +286,7 @@ lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, double t_start)
         b->block_mse = pipe_rel_mse(yq, s.x[l + 1], act);
         pipe_block_path(q, l, path, sizeof path);
         st = io_qblock_write(path, b, l, c, q->job_hash, q->model_hash);
-        double el = lv_now() - t_start, per = (lv_now() - t_blocks) / (l - d.first + 1);
-        lv_log("block %d/%d done  %.1f s elapsed, shard ETA %.1f s  block rel MSE %.4g  layer err q %.3f k %.3f "
-               "v %.3f o %.3f gate %.3f down %.3f up %.3f", l + 1, L, el, per * (d.last - l - 1),
-               b->block_mse,
-               b->rel_err[0], b->rel_err[1], b->rel_err[2], b->rel_err[3], b->rel_err[4],
-               b->rel_err[5], b->rel_err[6]);
+        if (st == LV_OK) st = pipe_progress_block(prog, l, b, 0, lv_now() - tb);
     }
 done:
     kern_fwd_ws_free(ws);
