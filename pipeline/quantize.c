@@ -174,8 +174,12 @@ done:
     return st;
 }
 
+const char *const pipe_prof_names[PIPE_PROF_N] = {"calibration_s", "aqlm_init_s", "beam_search_s",
+                                                   "codebook_update_s", "finetune_s",
+                                                   "quantized_forward_s", "checkpoint_io_s"};
+
 /* Quantize the seven linears of block `layer` from the Hessians in w->h. */
-static lv_status quantize_linears(const qjob *q, int layer, qwork *w, lv_qblock *b)
+static lv_status quantize_linears(qjob *q, int layer, qwork *w, lv_qblock *b)
 {
     lv_status st = LV_OK;
     const lv_model_config *c = &q->fp->cfg;
@@ -191,6 +195,9 @@ static lv_status quantize_linears(const qjob *q, int layer, qwork *w, lv_qblock 
         lv_aq_layer_free(&b->lin[k]);
         LV_TRY(stage_aqlm_run(lv_layer_weight(&q->fp->layers[layer], (lv_lin)k), w->H32, o, i, &acfg,
                               &b->lin[k], &stats));
+        q->prof[PIPE_PROF_AQLM_INIT] += stats.init_s;
+        q->prof[PIPE_PROF_BEAM] += stats.beam_s;
+        q->prof[PIPE_PROF_UPDATE] += stats.update_s;
         b->rel_err[k] = stats.iters > 0 ? stats.rel_err[(stats.iters < STAGE_AQLM_MAX_HIST
                                                          ? stats.iters : STAGE_AQLM_MAX_HIST) - 1]
                                         : stats.rel_err_init;
@@ -233,6 +240,7 @@ static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro
     char path[4200];
     int resumed = 0;
     lv_model view;
+    double t = lv_now();
     pipe_block_path(q, layer, path, sizeof path);
     if (access(path, F_OK) == 0) {
         lv_qblock tmp;
@@ -248,13 +256,17 @@ static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro
             if (got >= 0) lv_qblock_free(&tmp);
         }
     }
+    q->prof[PIPE_PROF_IO] += lv_now() - t;
+    t = lv_now();
     if (!resumed || prop_fp) {
         memcpy(w->y_fp, w->x_in, n * sizeof(float));
         if (!resumed) stage_block_hessians_zero(&w->h);
         LV_TRY(stage_calib_block(q->fp, layer, w->y_fp, q->n_seq, q->T, w->ws, micro,
                                  resumed ? NULL : &w->h));
     }
+    q->prof[PIPE_PROF_CALIB] += lv_now() - t;
     if (!resumed) LV_TRY(quantize_linears(q, layer, w, b));
+    t = lv_now();
     if (!resumed && q->ft_enable) {
         /* codes fixed; codebooks, scales and norms trained against the FP outputs */
         stage_ft_config ft = q->ft;
@@ -264,14 +276,19 @@ static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro
         lv_log("block %d: fine-tuning: held-out rel MSE %.4g -> %.4g (%d epochs, %.1f s)",
                layer + 1, fs.mse_before, fs.mse_after, fs.epochs, fs.wall_s);
     }
+    q->prof[PIPE_PROF_FT] += lv_now() - t;
+    t = lv_now();
     if (!resumed || !prop_fp) {
         LV_TRY(io_qblock_fp_view(q->fp, layer, b, w->wq_scratch, w->layers, &view));
         memcpy(w->y_q, w->x_in, n * sizeof(float));
         LV_TRY(stage_calib_block(&view, layer, w->y_q, q->n_seq, q->T, w->ws, micro, NULL));
     }
+    if (!resumed) b->block_mse = pipe_rel_mse(w->y_q, w->y_fp, n);
+    q->prof[PIPE_PROF_QFWD] += lv_now() - t;
+    t = lv_now();
     if (!resumed) {
-        b->block_mse = pipe_rel_mse(w->y_q, w->y_fp, n);
         LV_TRY(io_qblock_write(path, b, layer, c, q->job_hash, q->model_hash));
+        q->prof[PIPE_PROF_IO] += lv_now() - t;
     } else {
         q->n_resumed++;
     }
@@ -329,6 +346,11 @@ static lv_status write_summary(const qjob *q, const lv_qmodel *qm, const char *p
     cJSON_AddStringToObject(o, "job_hash", hex);
     snprintf(hex, sizeof hex, "%016" PRIx64, q->model_hash);
     cJSON_AddStringToObject(o, "model_hash", hex);
+    cJSON *prof = cJSON_AddObjectToObject(o, "profile");
+    for (int i = 0; i < PIPE_PROF_N; i++) cJSON_AddNumberToObject(prof, pipe_prof_names[i], q->prof[i]);
+    cJSON_AddNumberToObject(prof, "eval_s", q->eval_s);
+    cJSON_AddStringToObject(prof, "note", "seconds summed over ranks; eval_s is rank 0's "
+                            "evaluation of the FP and quantized models");
     blocks = cJSON_AddArrayToObject(o, "blocks");
     for (int l = 0; l < qm->cfg.n_layers; l++) {
         cJSON *b = cJSON_CreateObject();
@@ -372,6 +394,7 @@ static lv_status stream_inputs(qjob *q, comm_ctx *comm, int first, int last, qwo
     const int64_t row = (int64_t)q->T * c->dim;
     const int tag = 7001;
     float *chunk = NULL;
+    const double t0 = lv_now();
     if (rank == 0) kern_embed_ref(w->x_in, q->fp->tok_emb, q->seqs, q->n_seq * q->T, c->dim);
     if (size == 1) goto done;
     LV_ALLOC(chunk, (size_t)micro * (size_t)row);
@@ -387,6 +410,7 @@ static lv_status stream_inputs(qjob *q, comm_ctx *comm, int first, int last, qwo
         LV_TRY(comm_send(comm, chunk, bytes, rank + 1, tag));
     }
 done:
+    q->prof[PIPE_PROF_CALIB] += lv_now() - t0;
     free(chunk);
     return st;
 }
@@ -448,11 +472,13 @@ static lv_status assemble(qjob *q, double t_start)
     LV_TRY(io_qmodel_write(qm, path));
     lv_log("wrote %s (%.3f bits per weight: codes + codebooks + scales)", path,
            lv_qmodel_bits_per_weight(qm));
+    const double te = lv_now();
     if (q->eval_path[0]) {
         LV_TRY(eval_model(q->fp, q, &q->ppl_fp));
         LV_TRY(io_qmodel_to_fp(qm, &qfp));
         LV_TRY(eval_model(qfp, q, &q->ppl_quant));
     }
+    q->eval_s = lv_now() - te;
     q->wall_s = lv_now() - t_start;
     snprintf(path, sizeof path, "%s/summary.json", q->out_dir);
     LV_TRY(write_summary(q, qm, path));
@@ -535,6 +561,7 @@ static lv_status run_quantize(qjob *q, const job_file *j, comm_ctx *comm, int *f
         st = global;
         goto done;
     }
+    LV_TRY(comm_allreduce_sum_f64(comm, q->prof, PIPE_PROF_N));
     if (rank == 0) st = assemble(q, t0);
     /* the others wait while rank 0 assembles and evaluates, however long that
      * takes (a dead rank 0 ends the job through mpirun/srun) */

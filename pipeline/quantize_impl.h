@@ -8,6 +8,19 @@
 #include "io.h"
 #include "stage.h"
 
+/* Where the time goes (summary.json "profile", seconds summed over ranks). */
+enum {
+    PIPE_PROF_CALIB = 0, /* FP passes: streaming, Hessian taps, FP outputs */
+    PIPE_PROF_AQLM_INIT, /* VQ init (k-means) */
+    PIPE_PROF_BEAM,      /* beam searches */
+    PIPE_PROF_UPDATE,    /* codebook + scale updates */
+    PIPE_PROF_FT,        /* block fine-tuning */
+    PIPE_PROF_QFWD,      /* quantized block forward for the block error / propagation */
+    PIPE_PROF_IO,        /* checkpoint reads and writes */
+    PIPE_PROF_N
+};
+extern const char *const pipe_prof_names[PIPE_PROF_N];
+
 typedef struct {
     /* job */
     const char *model_path, *tok_path, *calib_path, *out_dir, *eval_path, *prop;
@@ -27,7 +40,8 @@ typedef struct {
     int64_t n_seq;
     int T;
     /* results */
-    double ppl_fp, ppl_quant, wall_s;
+    double ppl_fp, ppl_quant, wall_s, eval_s;
+    double prof[PIPE_PROF_N];
     int n_resumed;
 } qjob;
 

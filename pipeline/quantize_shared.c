@@ -141,7 +141,7 @@ static int sh_resume_aqlm(const qjob *q, const char *path, lv_qmodel *qm)
 }
 
 /* Step 2: shared AQLM into qm (codes, scales, the codebook copies, rel_err). */
-static lv_status sh_aqlm(const qjob *q, const sh_data *s, sh_dist *d, lv_qmodel *qm)
+static lv_status sh_aqlm(qjob *q, const sh_data *s, sh_dist *d, lv_qmodel *qm)
 {
     lv_status st = LV_OK;
     lv_aq_layer *out = NULL;
@@ -169,6 +169,9 @@ static lv_status sh_aqlm(const qjob *q, const sh_data *s, sh_dist *d, lv_qmodel 
         LV_TRY(st);
         b->rel_err[i % LV_LIN_COUNT] = rel;
     }
+    q->prof[PIPE_PROF_AQLM_INIT] += sx.init_s;
+    q->prof[PIPE_PROF_BEAM] += sx.beam_s;
+    q->prof[PIPE_PROF_UPDATE] += sx.update_s;
     lv_log("shared AQLM: %d linears, mean layer rel err %.4f -> %.4f (%d alternations, %.1f s)",
            s->n_lin, sx.rel_err_init,
            sx.iters > 0 ? sx.rel_err[(sx.iters < STAGE_AQLM_MAX_HIST ? sx.iters
@@ -227,7 +230,9 @@ lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, pipe_progress *prog, dou
         if (rank == 0) lv_log("every block is checkpointed and verified: nothing to recompute");
         goto done;
     }
+    double t = lv_now();
     LV_TRY(sh_calibrate(q, &s, micro));
+    q->prof[PIPE_PROF_CALIB] += lv_now() - t;
     lv_log("FP calibration of %d blocks: %.1f s", L, lv_now() - t_start);
     if (pipe_stop_requested())
         LV_FAIL(LV_ERR_STOPPED, "stopped by a signal before the shared AQLM step; rerun the same "
@@ -256,9 +261,11 @@ lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, pipe_progress *prog, dou
         const stage_dist dist = {.user = &d, .owns = sh_owns, .share = sh_share};
         d.per_item = 1;
         ft.seed = (uint64_t)q->seed * 1000003ULL;
+        t = lv_now();
         LV_TRY(stage_finetune_shared(c, qm->blocks, L, (const float *const *)s.x,
                                      (const float *const *)(s.x + 1), q->n_seq, q->T, &ft,
                                      &dist, &fs));
+        q->prof[PIPE_PROF_FT] += lv_now() - t;
         lv_log("shared fine-tuning: held-out rel MSE (mean over blocks) %.4g -> %.4g (%d epochs, "
                "%.1f s)", fs.mse_before, fs.mse_after, fs.epochs, fs.wall_s);
     }
@@ -284,8 +291,11 @@ lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, pipe_progress *prog, dou
         st = stage_calib_block(&view, l, yq, q->n_seq, q->T, ws, micro, NULL);
         if (st != LV_OK) break;
         b->block_mse = pipe_rel_mse(yq, s.x[l + 1], act);
+        q->prof[PIPE_PROF_QFWD] += lv_now() - tb;
         pipe_block_path(q, l, path, sizeof path);
+        t = lv_now();
         st = io_qblock_write(path, b, l, c, q->job_hash, q->model_hash);
+        q->prof[PIPE_PROF_IO] += lv_now() - t;
         if (st == LV_OK) st = pipe_progress_block(prog, l, b, 0, lv_now() - tb);
     }
 done:
