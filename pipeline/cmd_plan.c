@@ -466,7 +466,7 @@ static block_cost predict_block(const plan_job *p, const plan_rates *r)
 
 typedef struct {
     double act, seqs, hess, h32, wq, fwd_ws, qblock, aqlm_ws, ft_ws, transient, weights_own,
-        weights_touched, host;
+        weights_touched, host, gpu;
 } rank_mem;
 
 static rank_mem predict_mem(const plan_job *p, int n_blocks, int first, int last, int threads)
@@ -515,10 +515,17 @@ static rank_mem predict_mem(const plan_job *p, int n_blocks, int first, int last
         m.transient = m.aqlm_ws > m.ft_ws ? m.aqlm_ws : m.ft_ws;
         double per_block = 4.0 * (lin + 2 * d);
         m.weights_own = per_block * (last - first);
-        m.weights_touched = per_block * last; /* FP prefix (today) + own blocks */
+        m.weights_touched = per_block * last; /* relayed FP blocks + own blocks */
     }
     m.host = m.act + m.seqs + m.hess + m.h32 + m.wq + m.fwd_ws + m.qblock + m.transient +
              m.weights_own;
+    /* on a GPU: the block being worked on (FP weights + dequantized copy + the
+     * quantized block), its Hessians, the micro-batch forward workspace and the
+     * AQLM / fine-tuning workspace; the calibration activations stay on the
+     * host (or in run.scratch_dir) and move over in micro-batches */
+    if (n_blocks > 0)
+        m.gpu = 4.0 * (lin + 2 * d) + m.wq + m.qblock + m.hess + m.h32 + m.fwd_ws + m.transient +
+                4.0 * micro * T * d * 3;
     return m;
 }
 
@@ -554,9 +561,10 @@ typedef struct {
 static const char *gpu_line(void)
 {
 #ifdef LLMVQ_HAVE_CUDA
-    return "the host working set above, per rank, when the CUDA backend runs these stages";
+    return "one block's weights, Hessians and workspaces; the activations stay on the host and "
+           "move in micro-batches; an estimate: the quantization stages run on the CPU today";
 #else
-    return "not used (CPU build)";
+    return "needed when the stages run on a GPU; this build has no CUDA";
 #endif
 }
 
@@ -613,9 +621,10 @@ static void print_human(const plan_job *p, const plan_rates *r, int rates_measur
         printf(" (init %s, beam %s, update %s)", i1, i2, i3);
     }
     printf(", fine-tuning %s\n", b4);
-    printf("FP prefix: %s per block before a rank's shard (each rank runs the FP model up to "
-           "its first block)\n\n", b5);
-    printf("%5s  %-9s %6s %7s  %12s %12s %12s  %10s\n", "rank", "blocks", "count", "prefix",
+    printf("streaming: the calibration activations flow rank r -> r+1 in chunks of 8 "
+           "sequences; a rank relays every chunk through its FP blocks (%s per block), its "
+           "first chunk arrives after one chunk has passed the blocks before it\n\n", b5);
+    printf("%5s  %-9s %6s %7s  %12s %12s %12s  %10s\n", "rank", "blocks", "count", "first",
            "host memory", "activations", "Hessians", "predicted");
     int idle = 0;
     for (int i = 0; i < n_ranks; i++) {
@@ -664,7 +673,8 @@ static void print_human(const plan_job *p, const plan_rates *r, int rates_measur
     printf("FP weights of its blocks (mmap) %s", b1);
     fmt_bytes(b1, sizeof b1, m0->weights_touched);
     printf("; pages touched incl. the FP prefix %s (clean, evictable)\n", b1);
-    printf("GPU memory: %s\n", gpu_line());
+    fmt_bytes(b1, sizeof b1, m0->gpu);
+    printf("GPU memory per rank: %s (%s)\n", b1, gpu_line());
     fmt_time(b1, sizeof b1, total);
     printf("\npredicted quantize phase: %s (slowest rank)\n", b1);
     printf("\nassumptions: every rank runs at this machine's measured rates; AQLM runs all "
@@ -737,7 +747,7 @@ static lv_status print_json(const plan_job *p, const plan_rates *r, int rates_me
         cJSON_AddNumberToObject(mb, "fp_weights_own_blocks", q->mem.weights_own);
         cJSON_AddNumberToObject(mb, "fp_weights_touched", q->mem.weights_touched);
 #ifdef LLMVQ_HAVE_CUDA
-        cJSON_AddNumberToObject(mb, "gpu", q->mem.host);
+        cJSON_AddNumberToObject(mb, "gpu", q->mem.gpu);
 #else
         cJSON_AddNullToObject(mb, "gpu");
 #endif
@@ -860,7 +870,11 @@ int pipe_cmd_plan(int argc, char **argv)
         rank_plan *q = &rp[i];
         pipe_shard_of(L, i, n_ranks, &q->first, &q->last);
         int nb = q->last - q->first;
-        q->prefix_s = nb > 0 ? q->first * bc.fwd : 0;
+        /* streaming: the rank waits for the pipeline to fill (one chunk of 8
+         * sequences through every block before its shard), then relays every
+         * chunk through its own FP blocks while the next rank waits */
+        double chunks = ceil((double)p.n_seq / 8.0);
+        q->prefix_s = (i < n_ranks - 1 ? nb * bc.fwd : 0) + q->first * bc.fwd / chunks;
         q->blocks_s = nb * bc.block;
         q->total_s = q->prefix_s + q->blocks_s;
         q->mem = predict_mem(&p, nb, q->first, q->last, (int)r.threads);
