@@ -423,9 +423,45 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: bench_quality_table [--rows LIST] [--max-tokens N] [--cfg2 MxBgG] "
-            "[--cfg4 MxBgG] [--shared-cfg MxBgG]\n  rows: all, fp, rtn, rtn2, rtn3, rtn4, pm2, "
+            "[--cfg4 MxBgG] [--shared-cfg MxBgG] [--json FILE]\n  rows: all, fp, rtn, rtn2, rtn3, rtn4, pm2, "
             "pm2-init, pm2-aqlm, pm2-ft, shared, sh-init, sh-aqlm, sh-ft, pm4, pm4-init, pm4-aqlm, "
             "pm4-ft\n");
+}
+
+/* The table as JSON (bench/run_all.sh turns it into the Pareto plot and docs/results.md). */
+static int write_json(const char *path, const qt_ctx *q, const int *sel, const row_result *res,
+                      const char *const names[3], int64_t n_tok, int64_t n_eval)
+{
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "bench_quality_table: %s: cannot create\n", path);
+        return -1;
+    }
+    fprintf(f, "{\n  \"model\": \"%s\", \"text\": \"%s\", \"text_tokens\": %lld, "
+            "\"eval_tokens\": %lld, \"eval_ctx\": %d,\n  \"calibration\": \"%d x %d tokens, seed %d\",\n"
+            "  \"rows\": [", q->model, q->text, (long long)n_tok, (long long)n_eval, EVAL_CTX,
+            N_SEQ, SEQ_T, CALIB_SEED);
+    int first = 1;
+    for (int i = 0; i < N_ROWS; i++) {
+        if (!sel[i]) continue;
+        const row_def *r = &ROWS[i];
+        const char *kind = r->kind == K_FP ? "fp" : r->kind == K_RTN ? "rtn"
+                           : r->kind == K_SHARED ? "shared" : "per-matrix";
+        char config[64];
+        if (r->kind == K_RTN) snprintf(config, sizeof config, "%d-bit g32", r->bits);
+        else if (r->kind == K_FP) snprintf(config, sizeof config, "fp32");
+        else snprintf(config, sizeof config, "%s", names[r->cfg]);
+        fprintf(f, "%s\n    {\"id\": \"%s\", \"kind\": \"%s\", \"method\": \"%s\", "
+                "\"config\": \"%s\", \"ok\": %s", first ? "" : ",", r->id, kind, r->method,
+                config, res[i].ok ? "true" : "false");
+        if (res[i].ok)
+            fprintf(f, ", \"bpw\": %.6f, \"ppl\": %.6f, \"wall_s\": %.2f, \"peak_rss_mib\": %.1f",
+                    res[i].bpw, res[i].ppl, res[i].wall_s, res[i].rss_mib);
+        fprintf(f, "}");
+        first = 0;
+    }
+    fprintf(f, "\n  ]\n}\n");
+    return fclose(f) == 0 ? 0 : -1;
 }
 
 int main(int argc, char **argv)
@@ -433,7 +469,7 @@ int main(int argc, char **argv)
     const char *model = bench_env_or("LLMVQ_MODEL", "jobs/demo/stories260K.bin");
     const char *tokp = bench_env_or("LLMVQ_TOKENIZER", "jobs/demo/tok512.bin");
     const char *text = bench_env_or("LLMVQ_TEXT", "jobs/demo/tinystories_val_subset.txt");
-    const char *rows = "all", *names[3] = {"1x6g4", "1x4g1", "1x8g4"};
+    const char *rows = "all", *names[3] = {"1x6g4", "1x4g1", "1x8g4"}, *json = NULL;
     qt_ctx q;
     int sel[N_ROWS] = {0}, rc = 0;
     row_result res[N_ROWS];
@@ -455,6 +491,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--cfg2")) names[0] = v;
         else if (!strcmp(a, "--cfg4")) names[1] = v;
         else if (!strcmp(a, "--shared-cfg")) names[2] = v;
+        else if (!strcmp(a, "--json")) json = v;
         else {
             usage();
             return 2;
@@ -509,5 +546,6 @@ int main(int argc, char **argv)
         printf("| %s | %s | %.3f | %.3f | %s | %.1f | %.1f | %s |\n", r->method, config,
                res[i].bpw, res[i].ppl, inc, res[i].wall_s, res[i].rss_mib, res[i].note);
     }
+    if (json && write_json(json, &q, sel, res, names, n_tok, n_eval) != 0) rc = 1;
     return rc;
 }

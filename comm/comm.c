@@ -51,7 +51,8 @@ void comm_ctx_free(comm_ctx *c)
     free(c);
 }
 
-lv_status comm_wait(comm_ctx *c, MPI_Request *req, const char *what, int peer)
+static lv_status wait_req(comm_ctx *c, MPI_Request *req, const char *what, int peer,
+                          int cancellable)
 {
     lv_status st = LV_OK;
     double deadline = lv_now() + c->timeout_s;
@@ -63,12 +64,15 @@ lv_status comm_wait(comm_ctx *c, MPI_Request *req, const char *what, int peer)
             LV_FAIL(LV_ERR_MPI, "%s (peer %d): MPI error", what, peer);
         if (flag) break;
         if (lv_now() > deadline) {
-            /* Withdraw the request so a late message cannot land in a buffer the
-             * caller will reuse; main ends the job with MPI_Abort. */
-            MPI_Cancel(req);
-            MPI_Request_free(req);
+            /* Withdraw a point-to-point request so a late message cannot land in a
+             * buffer the caller will reuse (collectives cannot be cancelled: MPI
+             * would abort on it); main ends the job with MPI_Abort. */
+            if (cancellable) {
+                MPI_Cancel(req);
+                MPI_Request_free(req);
+            }
             LV_FAIL(LV_ERR_MPI,
-                    "%s (peer %d) timed out after %.0f s: a rank died or stopped answering",
+                    "%s (peer %d) timed out after %.3g s: a rank died or stopped answering",
                     what, peer, c->timeout_s);
         }
         struct timespec ts = {0, sleep_ns};
@@ -77,6 +81,11 @@ lv_status comm_wait(comm_ctx *c, MPI_Request *req, const char *what, int peer)
     }
 done:
     return st;
+}
+
+lv_status comm_wait(comm_ctx *c, MPI_Request *req, const char *what, int peer)
+{
+    return wait_req(c, req, what, peer, peer >= 0);
 }
 
 lv_status comm_send(comm_ctx *c, const void *h_buf, size_t bytes, int dst, int tag)
@@ -146,7 +155,7 @@ lv_status comm_bcast(comm_ctx *c, void *h_buf, size_t bytes, int root)
         MPI_Request req;
         if (MPI_Ibcast(p, (int)n, MPI_BYTE, root, c->comm, &req) != MPI_SUCCESS)
             LV_FAIL(LV_ERR_MPI, "broadcast from rank %d: MPI_Ibcast failed", root);
-        LV_TRY(comm_wait(c, &req, "broadcast", root));
+        LV_TRY(wait_req(c, &req, "broadcast", root, 0)); /* a collective: not cancellable */
         p += n;
         bytes -= n;
     } while (bytes > 0);

@@ -14,7 +14,8 @@ struct comm_ctx {
     void *nccl;    /* ncclComm_t when backend == COMM_BACKEND_NCCL */
 };
 
-/* Wait for req until the context's deadline; names `what` and `peer` on failure. */
+/* Wait for req until the context's deadline; names `what` and `peer` on failure.
+ * peer >= 0: a point-to-point request, withdrawn on timeout; -1: a collective. */
 lv_status comm_wait(comm_ctx *c, MPI_Request *req, const char *what, int peer);
 
 /* Collective: decide NCCL vs MPI (all ranks must have a GPU) and set up NCCL.

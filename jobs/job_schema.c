@@ -65,7 +65,7 @@ static const job_key schema[] = {
      "seed of every random choice: same job + seed = bit-identical codes"},
     {"run", "checkpoint_dir", JOB_PATH, "", NOLIM, NULL,
      "where finished blocks are checkpointed (default: OUTPUT_DIR/checkpoint)"},
-    {"run", "comm_timeout_s", JOB_FLOAT, "600", 1, 1e6, NULL,
+    {"run", "comm_timeout_s", JOB_FLOAT, "600", 0.1, 1e6, NULL,
      "seconds a rank waits for a message before it declares its peer dead (a rank that keeps "
      "finishing blocks is waited for as long as it needs: 3x its longest block)"},
     {"run", "scratch_dir", JOB_PATH, "", NOLIM, NULL,

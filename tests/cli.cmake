@@ -22,3 +22,5 @@ llmvq_add_script_test(NAME plan LABELS cli ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/plan.sh)
 llmvq_add_script_test(NAME quantize_shared LABELS "cli;mpi" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_shared.sh)
+llmvq_add_script_test(NAME quantize_patience LABELS "cli;mpi;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_patience.sh)

@@ -4,6 +4,7 @@
 #   tools/install-deps.sh            build + test dependencies
 #   tools/install-deps.sh --slurm    also slurm-wlm + munge (for the Slurm test)
 #   tools/install-deps.sh --fuzz     also clang (libFuzzer targets)
+#   tools/install-deps.sh --bench    also gnuplot (the Pareto plot of bench/run_all.sh)
 set -euo pipefail
 
 pkgs=(build-essential cmake pkg-config openmpi-bin libopenmpi-dev libhdf5-openmpi-dev
@@ -13,6 +14,7 @@ for arg in "$@"; do
   case "$arg" in
     --slurm) pkgs+=(slurm-wlm munge) ;;
     --fuzz) pkgs+=(clang libclang-rt-14-dev) ;;
+    --bench) pkgs+=(gnuplot-nox) ;;
     *) echo "install-deps.sh: unknown option '$arg'" >&2; exit 2 ;;
   esac
 done
