@@ -55,6 +55,23 @@ lv_status comm_bcast(comm_ctx *c, void *h_buf, size_t bytes, int root);
 lv_status comm_allreduce_sum_f32(comm_ctx *c, float *h_buf, int64_t n);
 lv_status comm_allreduce_sum_f64(comm_ctx *c, double *h_buf, int64_t n);
 
+/* ---- device (GPU) buffers ----
+ * The same operations on CUDA device pointers. With the NCCL backend (every
+ * rank has a GPU) they run as NCCL calls on the context's own CUDA stream;
+ * otherwise (CUDA build, MPI backend) they are staged through host memory and
+ * done by the MPI functions above. Builds without CUDA: LV_ERR_UNSUPPORTED.
+ * Every call returns when the data is complete; NCCL completion is polled
+ * against the same deadline as MPI, with ncclCommGetAsyncError checked while
+ * waiting: on a timeout or an asynchronous NCCL error the communicator is
+ * aborted and the call fails with a message naming the operation.
+ * Sums are deterministic and identical on both backends: every rank's buffer
+ * is gathered and added in rank order (r0 + r1 + r2 ...), as the host
+ * all-reduce does, not by NCCL's topology-dependent ring reduction. */
+lv_status comm_send_dev(comm_ctx *c, const void *d_buf, size_t bytes, int dst);
+lv_status comm_recv_dev(comm_ctx *c, void *d_buf, size_t bytes, int src);
+lv_status comm_bcast_dev(comm_ctx *c, void *d_buf, size_t bytes, int root);
+lv_status comm_allreduce_sum_f32_dev(comm_ctx *c, float *d_buf, int64_t n);
+
 /* Collective: every rank learns the worst status (largest code) and the lowest
  * rank that reported it. Ends each collective phase (the nccl-tests pattern). */
 lv_status comm_agree_status(comm_ctx *c, lv_status local, lv_status *global, int *bad_rank);
