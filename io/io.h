@@ -157,4 +157,48 @@ void io_map_close(io_map *m);
 /* Whole file into a malloc'd, NUL-terminated buffer. */
 lv_status io_read_file(const char *path, char **buf, size_t *size);
 
+/* ---------------- Hugging Face AQLM directories (docs/formats-hf-aqlm.md) ----------------
+ * config.json with quantization_config {quant_method "aqlm", nbits_per_codebook,
+ * num_codebooks, out_group_size 1, in_group_size g, linear_weights_not_to_quantize}
+ * and model.safetensors: per block linear <prefix>.codes (d_out, d_in/g, M) I8
+ * (nbits <= 8) or I16, codes >= 2^(nbits-1) stored minus 2^nbits; <prefix>.codebooks
+ * (M, 2^nbits, 1, g) F16; <prefix>.scales (d_out, 1, 1, 1) F16; everything else F32. */
+
+/* What an export changed: codes are exact, codebooks and scales are rounded to fp16. */
+typedef struct {
+    double max_rel_change;  /* max over linears of ||W16 - W||_F / ||W||_F (dequantized) */
+    double max_abs_change;  /* max |W16 - W| over all quantized weights */
+    char worst[96];         /* HF module of the linear with max_rel_change */
+    int n_linears;
+    double bits_per_weight; /* codes + fp16 codebooks + fp16 scales, per quantized weight */
+    size_t bytes;           /* size of model.safetensors */
+} io_hf_aqlm_report;
+
+/* Write q as an HF AQLM directory (created if needed; config.json and
+ * model.safetensors replaced atomically). q/k rows (codes, scales) are permuted
+ * to HF's rotate-half order when q uses interleaved RoPE. Refuses (before
+ * writing anything) a group size that does not divide every in_features,
+ * linears with differing configs, and values beyond the fp16 range. rep may be NULL. */
+lv_status io_qmodel_write_hf_aqlm(const lv_qmodel *q, const char *dir, io_hf_aqlm_report *rep);
+
+/* *is_aqlm = 1 when dir/config.json has quantization_config.quant_method "aqlm";
+ * 0 when it has none (or there is no readable config.json: the HF loader reports
+ * that). Another quant_method is LV_ERR_UNSUPPORTED. */
+lv_status io_hf_is_aqlm(const char *dir, int *is_aqlm);
+
+/* Read an HF AQLM directory (model.safetensors or sharded index) into a
+ * quantized model with cfg.rope = LV_ROPE_HALF (q/k as HF stores them);
+ * validates dtypes, shapes, code ranges and finiteness, naming file and tensor.
+ * rel_err / block_mse are NaN (unknown). Caller frees with lv_qmodel_free. */
+lv_status io_qmodel_read_hf_aqlm(lv_qmodel **out, const char *dir);
+
+/* io_qmodel_read_hf_aqlm + io_qmodel_to_fp (what io_model_open does for such a directory). */
+lv_status io_model_open_hf_aqlm(lv_model **out, const char *dir);
+
+/* HF module of linear k of block `layer` ("model.layers.3.self_attn.q_proj"), into buf. */
+void io_hf_aqlm_module(char *buf, size_t cap, int layer, lv_lin k);
+
+/* float32 -> IEEE fp16 bits, round to nearest even (overflow -> Inf, NaN kept). */
+uint16_t io_f32_to_f16(float f);
+
 #endif

@@ -30,7 +30,11 @@ lv_status io_model_open(lv_model **out, const char *path, io_model_format fmt)
             if (f) fclose(f);
         }
     }
-    if (fmt == IO_MODEL_HF)
+    int aqlm = 0; /* an HF directory may hold an AQLM-quantized model */
+    if (fmt == IO_MODEL_HF) LV_TRY(io_hf_is_aqlm(path, &aqlm));
+    if (fmt == IO_MODEL_HF && aqlm)
+        LV_TRY(io_model_open_hf_aqlm(out, path));
+    else if (fmt == IO_MODEL_HF)
         LV_TRY(io_model_open_hf(out, path));
     else if (fmt == IO_MODEL_LLAMA2C)
         LV_TRY(io_model_open_llama2c(out, path));

@@ -17,6 +17,7 @@ static const command commands[] = {
     {"inspect", pipe_cmd_inspect, "what a run has checkpointed, what is left; verify checksums"},
     {"eval", pipe_cmd_eval, "perplexity of a model on a text or token file"},
     {"generate", pipe_cmd_generate, "sample text from a model"},
+    {"export", pipe_cmd_export, "write a quantized model for another runtime (HF AQLM directory)"},
     {"convert", pipe_cmd_convert, "convert a model (llama2.c .bin <-> Hugging Face directory)"},
     {"synth", pipe_cmd_synth, "write a model with random weights in real shapes (benchmarks)"},
 };

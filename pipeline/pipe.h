@@ -54,5 +54,6 @@ int pipe_cmd_synth(int argc, char **argv);
 int pipe_cmd_quantize(int argc, char **argv);
 int pipe_cmd_inspect(int argc, char **argv);
 int pipe_cmd_plan(int argc, char **argv);
+int pipe_cmd_export(int argc, char **argv);
 
 #endif
