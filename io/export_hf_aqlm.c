@@ -391,21 +391,6 @@ done:
 
 /* ---------------------------------------------------------------- config.json */
 
-/* Shortest decimal that reads back as the same float ("1e-05"). */
-static cJSON *json_float(float v)
-{
-    char buf[32];
-    if (v == floorf(v) && fabsf(v) < 1e9f) {
-        snprintf(buf, sizeof buf, "%.0f", (double)v);
-        return cJSON_CreateRaw(buf);
-    }
-    for (int prec = 1; prec <= 9; prec++) {
-        snprintf(buf, sizeof buf, "%.*g", prec, (double)v);
-        if (strtof(buf, NULL) == v) break;
-    }
-    return cJSON_CreateRaw(buf);
-}
-
 /* Modules left as nn.Linear / embeddings. Both spellings: transformers 4.x
  * compares "<module>.weight" paths, 5.x module names (and the embedding is
  * no nn.Linear either way; listed as AQLM's own checkpoints do). */
@@ -418,26 +403,8 @@ static cJSON *json_not_quantized(void)
 static lv_status config_json(const lv_qmodel *q, char **text, const char *path)
 {
     lv_status st = LV_OK;
-    const lv_model_config *c = &q->cfg;
-    cJSON *o = cJSON_CreateObject(), *qc = cJSON_CreateObject();
-    const char *arch = "LlamaForCausalLM";
-    int ok = o && qc && cJSON_AddItemToObject(o, "architectures", cJSON_CreateStringArray(&arch, 1)) &&
-             cJSON_AddStringToObject(o, "model_type", "llama") &&
-             cJSON_AddNumberToObject(o, "hidden_size", c->dim) &&
-             cJSON_AddNumberToObject(o, "intermediate_size", c->hidden_dim) &&
-             cJSON_AddNumberToObject(o, "num_hidden_layers", c->n_layers) &&
-             cJSON_AddNumberToObject(o, "num_attention_heads", c->n_heads) &&
-             cJSON_AddNumberToObject(o, "num_key_value_heads", c->n_kv_heads) &&
-             cJSON_AddItemToObject(o, "rms_norm_eps", json_float(c->norm_eps)) &&
-             cJSON_AddItemToObject(o, "rope_theta", json_float(c->rope_theta)) &&
-             cJSON_AddNumberToObject(o, "vocab_size", c->vocab_size) &&
-             cJSON_AddNumberToObject(o, "max_position_embeddings", c->seq_len) &&
-             cJSON_AddBoolToObject(o, "tie_word_embeddings", c->tied_cls) &&
-             cJSON_AddStringToObject(o, "hidden_act", "silu") &&
-             cJSON_AddStringToObject(o, "torch_dtype", "float32") &&
-             cJSON_AddNumberToObject(o, "bos_token_id", 1) &&
-             cJSON_AddNumberToObject(o, "eos_token_id", 2) &&
-             cJSON_AddStringToObject(qc, "quant_method", "aqlm") &&
+    cJSON *o = io_hf_config_object(&q->cfg), *qc = cJSON_CreateObject();
+    int ok = o && qc && cJSON_AddStringToObject(qc, "quant_method", "aqlm") &&
              cJSON_AddNumberToObject(qc, "nbits_per_codebook", q->nbits) &&
              cJSON_AddNumberToObject(qc, "num_codebooks", q->M) &&
              cJSON_AddNumberToObject(qc, "out_group_size", 1) &&
@@ -473,26 +440,6 @@ done:
     return st;
 }
 
-static lv_status make_dir(const char *dir)
-{
-    lv_status st = LV_OK;
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s", dir);
-    for (char *p = buf + 1;; p++) {
-        if (*p != '/' && *p != '\0') continue;
-        char c = *p;
-        *p = '\0';
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-            LV_FAIL(LV_ERR_IO, "%s: cannot create directory %s: %s", dir, buf, strerror(errno));
-        *p = c;
-        if (!c) break;
-    }
-    struct stat sb;
-    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode)) LV_FAIL(LV_ERR_IO, "%s: not a directory", dir);
-done:
-    return st;
-}
-
 /* ---------------------------------------------------------------- public */
 
 lv_status io_qmodel_write_hf_aqlm(const lv_qmodel *q, const char *dir, io_hf_aqlm_report *rep)
@@ -504,7 +451,7 @@ lv_status io_qmodel_write_hf_aqlm(const lv_qmodel *q, const char *dir, io_hf_aql
     if (!q || !dir) LV_FAIL(LV_ERR_INVALID_ARG, "io_qmodel_write_hf_aqlm: NULL argument");
     if (strlen(dir) > 3000) LV_FAIL(LV_ERR_INVALID_ARG, "%.100s...: path too long", dir);
     LV_TRY(check_model(q, &r, dir));
-    LV_TRY(make_dir(dir));
+    LV_TRY(io_mkdir_p(dir));
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     LV_TRY(write_safetensors(q, path, &r.bytes));
     /* A stale shard index would shadow the single file for every reader. */

@@ -154,6 +154,9 @@ typedef struct {
 lv_status io_map_open(io_map *m, const char *path);
 void io_map_close(io_map *m);
 
+/* mkdir -p: every missing directory of the path; errors name it. */
+lv_status io_mkdir_p(const char *dir);
+
 /* Whole file into a malloc'd, NUL-terminated buffer. */
 lv_status io_read_file(const char *path, char **buf, size_t *size);
 

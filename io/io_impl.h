@@ -138,4 +138,11 @@ float io_bf16_to_f32(uint16_t h);
  * finite weights. Errors name `path`. Caller frees with io_model_free(). */
 lv_status io_llama2c_bind(lv_model **out, const void *buf, size_t size, const char *path);
 
+/* model_write.c pieces shared by the writers (export_hf_aqlm.c). */
+#include <cjson/cJSON.h>
+/* Shortest decimal that reads back as the same float ("1e-05"), as a raw JSON number. */
+cJSON *io_json_float(float v);
+/* config.json of a LlamaForCausalLM with this config (NULL when out of memory). */
+cJSON *io_hf_config_object(const lv_model_config *c);
+
 #endif

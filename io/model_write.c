@@ -80,7 +80,7 @@ done:
     return st;
 }
 
-static lv_status mkdir_p(const char *dir)
+lv_status io_mkdir_p(const char *dir)
 {
     lv_status st = LV_OK;
     char buf[4096];
@@ -134,7 +134,7 @@ done:
 /* ---------------------------------------------------------------- HF */
 
 /* Shortest decimal that reads back as the same float ("1e-05", not 9.99999974737875e-06). */
-static cJSON *json_float(float v)
+cJSON *io_json_float(float v)
 {
     char buf[32];
     if (v == floorf(v) && fabsf(v) < 1e9f) {
@@ -148,21 +148,19 @@ static cJSON *json_float(float v)
     return cJSON_CreateRaw(buf);
 }
 
-static lv_status hf_config_json(const lv_model_config *c, char **text, const char *path)
+cJSON *io_hf_config_object(const lv_model_config *c)
 {
-    lv_status st = LV_OK;
     cJSON *o = cJSON_CreateObject();
-    if (!o) LV_FAIL(LV_ERR_NOMEM, "%s: out of memory", path);
     const char *arch = "LlamaForCausalLM";
-    int ok = cJSON_AddItemToObject(o, "architectures", cJSON_CreateStringArray(&arch, 1)) &&
+    int ok = o && cJSON_AddItemToObject(o, "architectures", cJSON_CreateStringArray(&arch, 1)) &&
              cJSON_AddStringToObject(o, "model_type", "llama") &&
              cJSON_AddNumberToObject(o, "hidden_size", c->dim) &&
              cJSON_AddNumberToObject(o, "intermediate_size", c->hidden_dim) &&
              cJSON_AddNumberToObject(o, "num_hidden_layers", c->n_layers) &&
              cJSON_AddNumberToObject(o, "num_attention_heads", c->n_heads) &&
              cJSON_AddNumberToObject(o, "num_key_value_heads", c->n_kv_heads) &&
-             cJSON_AddItemToObject(o, "rms_norm_eps", json_float(c->norm_eps)) &&
-             cJSON_AddItemToObject(o, "rope_theta", json_float(c->rope_theta)) &&
+             cJSON_AddItemToObject(o, "rms_norm_eps", io_json_float(c->norm_eps)) &&
+             cJSON_AddItemToObject(o, "rope_theta", io_json_float(c->rope_theta)) &&
              cJSON_AddNumberToObject(o, "vocab_size", c->vocab_size) &&
              cJSON_AddNumberToObject(o, "max_position_embeddings", c->seq_len) &&
              cJSON_AddBoolToObject(o, "tie_word_embeddings", c->tied_cls) &&
@@ -170,7 +168,18 @@ static lv_status hf_config_json(const lv_model_config *c, char **text, const cha
              cJSON_AddStringToObject(o, "torch_dtype", "float32") &&
              cJSON_AddNumberToObject(o, "bos_token_id", 1) &&
              cJSON_AddNumberToObject(o, "eos_token_id", 2);
-    if (!ok || !(*text = cJSON_Print(o))) LV_FAIL(LV_ERR_NOMEM, "%s: out of memory", path);
+    if (!ok) {
+        cJSON_Delete(o);
+        return NULL;
+    }
+    return o;
+}
+
+static lv_status hf_config_json(const lv_model_config *c, char **text, const char *path)
+{
+    lv_status st = LV_OK;
+    cJSON *o = io_hf_config_object(c);
+    if (!o || !(*text = cJSON_Print(o))) LV_FAIL(LV_ERR_NOMEM, "%s: out of memory", path);
 done:
     cJSON_Delete(o);
     return st;
@@ -254,7 +263,7 @@ lv_status io_model_write_hf(const lv_model *m, const char *dir)
     char path[4096], cfg_path[4096], index_path[4096];
     LV_TRY(check_model(m, "io_model_write_hf", dir));
     if (strlen(dir) > 3000) LV_FAIL(LV_ERR_INVALID_ARG, "%.100s...: path too long", dir);
-    LV_TRY(mkdir_p(dir));
+    LV_TRY(io_mkdir_p(dir));
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     snprintf(cfg_path, sizeof cfg_path, "%s/config.json", dir);
     snprintf(index_path, sizeof index_path, "%s/model.safetensors.index.json", dir);

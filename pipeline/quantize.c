@@ -25,25 +25,6 @@
 #include "quantize_impl.h"
 
 
-static lv_status mkdir_p(const char *path)
-{
-    lv_status st = LV_OK;
-    char buf[4096];
-    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
-        LV_FAIL(LV_ERR_INVALID_ARG, "%s: path too long", path);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = '\0';
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-            LV_FAIL(LV_ERR_IO, "%s: cannot create directory: %s", buf, strerror(errno));
-        *p = '/';
-    }
-    if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-        LV_FAIL(LV_ERR_IO, "%s: cannot create directory: %s", buf, strerror(errno));
-done:
-    return st;
-}
-
 static lv_status read_job(qjob *q, const job_file *j)
 {
     lv_status st = LV_OK;
@@ -529,8 +510,8 @@ static lv_status run_quantize(qjob *q, const job_file *j, comm_ctx *comm, int *f
 
     st = prepare(q, j);
     if (st == LV_OK && rank == 0) {
-        st = mkdir_p(q->out_dir);
-        if (st == LV_OK) st = mkdir_p(q->ckpt_dir);
+        st = io_mkdir_p(q->out_dir);
+        if (st == LV_OK) st = io_mkdir_p(q->ckpt_dir);
     }
     LV_TRY(comm_agree_status(comm, st, &global, failed_rank));
     if (global != LV_OK) {
