@@ -3,3 +3,4 @@
 llmvq_add_test(NAME test_kern_ops SOURCES test_kern_ops.c LABELS unit)
 llmvq_add_test(NAME test_kern_forward SOURCES test_kern_forward.c LABELS unit)
 llmvq_add_test(NAME test_kern_cuda SOURCES test_kern_cuda.c LABELS gpu)
+llmvq_add_test(NAME test_kern_quant_cuda SOURCES test_kern_quant_cuda.c LABELS gpu)
