@@ -216,15 +216,21 @@ done:
 
 /* ---------------- one linear / one block ---------------- */
 
-/* shared: the model's one codebook tensor is stored at the root instead. */
+/* shared: the model's one codebook tensor is stored at the root instead.
+ * lora_A (r, d_in) and lora_B (d_out, r): the optional adapter (NULL: none). */
 static lv_status write_linear(hid_t blk, lv_lin k, const lv_aq_layer *L, double rel_err,
-                              int shared, const char *path)
+                              int shared, int r, const float *lora_A, const float *lora_B,
+                              const char *path)
 {
     lv_status st = LV_OK;
     hid_t g = -1;
     const char *name = lv_lin_name(k);
     int64_t cd[3] = {L->d_out, L->n_groups, L->M};
     int64_t bd[3] = {L->M, (int64_t)1 << L->nbits, L->g};
+    if (r < 0 || (r > 0 && (!lora_A != !lora_B)) || r > L->d_out || r > L->d_in)
+        LV_FAIL(LV_ERR_INVALID_ARG, "%s: %s: LoRA rank %d with %s (linear %lld x %lld)", path,
+                name, r, !lora_A != !lora_B ? "only one factor" : "factors",
+                (long long)L->d_out, (long long)L->d_in);
     H5CHK(g = group_create(blk, name), "%s: group %s", path, name);
     LV_TRY(attr_i64(g, "d_out", L->d_out, path));
     LV_TRY(attr_i64(g, "d_in", L->d_in, path));
@@ -237,8 +243,69 @@ static lv_status write_linear(hid_t blk, lv_lin k, const lv_aq_layer *L, double 
         LV_TRY(dset_write(g, "codebooks", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 3, bd, L->codebooks,
                           path));
     LV_TRY(dset_write(g, "scales", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 1, &L->d_out, L->scales, path));
+    if (r > 0 && lora_A && lora_B) {
+        int64_t ad[2] = {r, L->d_in}, bd2[2] = {L->d_out, r};
+        LV_TRY(dset_write(g, "lora_A", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 2, ad, lora_A, path));
+        LV_TRY(dset_write(g, "lora_B", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 2, bd2, lora_B, path));
+    }
 done:
     if (g >= 0) H5Gclose(g);
+    return st;
+}
+
+/* dims (rank entries) of dataset `name`, which must have that rank. */
+static lv_status dset_dims(hid_t loc, const char *name, int rank, int64_t *dims, const char *path,
+                           const char *where)
+{
+    lv_status st = LV_OK;
+    hid_t d = -1, sp = -1;
+    hsize_t hd[4] = {0};
+    H5CHK(d = H5Dopen2(loc, name, H5P_DEFAULT), "%s: cannot open %s/%s", path, where, name);
+    H5CHK(sp = H5Dget_space(d), "%s: %s/%s: dataspace", path, where, name);
+    if (H5Sget_simple_extent_ndims(sp) != rank)
+        LV_FAIL(LV_ERR_FORMAT, "%s: dataset %s/%s has rank %d, expected %d", path, where, name,
+                H5Sget_simple_extent_ndims(sp), rank);
+    H5Sget_simple_extent_dims(sp, hd, NULL);
+    for (int i = 0; i < rank; i++) dims[i] = (int64_t)hd[i];
+done:
+    if (sp >= 0) H5Sclose(sp);
+    if (d >= 0) H5Dclose(d);
+    return st;
+}
+
+/* The optional adapter of linear group g (`w` names it): *r = 0 and nothing
+ * allocated when the group has neither lora_A nor lora_B; else both must be
+ * there, lora_A (r, d_in) and lora_B (d_out, r) with 1 <= r <= min(d_out, d_in),
+ * finite. *A, *B malloc'd (the caller owns them, also on failure). */
+static lv_status read_lora(hid_t g, const lv_aq_layer *L, int *r, float **A, float **B,
+                           const char *path, const char *w)
+{
+    lv_status st = LV_OK;
+    int64_t ad[2] = {0, 0};
+    char what[128];
+    int has_a = H5Lexists(g, "lora_A", H5P_DEFAULT) > 0;
+    int has_b = H5Lexists(g, "lora_B", H5P_DEFAULT) > 0;
+    *r = 0;
+    if (!has_a && !has_b) goto done;
+    if (!has_a || !has_b)
+        LV_FAIL(LV_ERR_FORMAT, "%s: %s has %s but not %s", path, w, has_a ? "lora_A" : "lora_B",
+                has_a ? "lora_B" : "lora_A");
+    LV_TRY(dset_dims(g, "lora_A", 2, ad, path, w));
+    if (ad[0] < 1 || ad[0] > L->d_out || ad[0] > L->d_in || ad[1] != L->d_in)
+        LV_FAIL(LV_ERR_FORMAT, "%s: %s/lora_A is %lld x %lld, expected (r, %lld) with 1 <= r <= "
+                "%lld", path, w, (long long)ad[0], (long long)ad[1], (long long)L->d_in,
+                (long long)(L->d_out < L->d_in ? L->d_out : L->d_in));
+    int64_t bd[2] = {L->d_out, ad[0]};
+    LV_ALLOC(*A, (size_t)(ad[0] * ad[1]));
+    LV_ALLOC(*B, (size_t)(bd[0] * bd[1]));
+    LV_TRY(dset_read(g, "lora_A", H5T_NATIVE_FLOAT, H5T_FLOAT, 2, ad, *A, path, w));
+    LV_TRY(dset_read(g, "lora_B", H5T_NATIVE_FLOAT, H5T_FLOAT, 2, bd, *B, path, w));
+    snprintf(what, sizeof what, "%s/lora_A", w);
+    LV_TRY(check_finite(*A, ad[0] * ad[1], path, what));
+    snprintf(what, sizeof what, "%s/lora_B", w);
+    LV_TRY(check_finite(*B, bd[0] * bd[1], path, what));
+    *r = (int)ad[0];
+done:
     return st;
 }
 
@@ -246,7 +313,8 @@ done:
  * shared_dims, copied into L instead of reading the linear's own. */
 static lv_status read_linear(hid_t blk, lv_lin k, const lv_model_config *cfg, lv_aq_layer *L,
                              double *rel_err, const float *shared, const int *shared_dims,
-                             const char *path, const char *where)
+                             int *lora_r, float **lora_A, float **lora_B, const char *path,
+                             const char *where)
 {
     lv_status st = LV_OK;
     hid_t g = -1;
@@ -292,6 +360,7 @@ static lv_status read_linear(hid_t blk, lv_lin k, const lv_model_config *cfg, lv
     LV_TRY(check_finite(L->codebooks, bd[0] * bd[1] * bd[2], path, what));
     snprintf(what, sizeof what, "%s/scales", w);
     LV_TRY(check_finite(L->scales, L->d_out, path, what));
+    LV_TRY(read_lora(g, L, lora_r, lora_A, lora_B, path, w));
 done:
     if (g >= 0) H5Gclose(g);
     return st;
@@ -309,7 +378,8 @@ static lv_status write_block(hid_t loc, const char *name, const lv_qblock *b, in
     LV_TRY(dset_write(g, "attn_norm", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 1, &d, b->attn_norm, path));
     LV_TRY(dset_write(g, "ffn_norm", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 1, &d, b->ffn_norm, path));
     for (int k = 0; k < LV_LIN_COUNT; k++)
-        LV_TRY(write_linear(g, (lv_lin)k, &b->lin[k], b->rel_err[k], shared, path));
+        LV_TRY(write_linear(g, (lv_lin)k, &b->lin[k], b->rel_err[k], shared, b->lora_rank,
+                            b->lora_A[k], b->lora_B[k], path));
 done:
     if (g >= 0) H5Gclose(g);
     return st;
@@ -333,9 +403,15 @@ static lv_status read_block(hid_t loc, const char *name, const lv_model_config *
     LV_TRY(dset_read(g, "ffn_norm", H5T_NATIVE_FLOAT, H5T_FLOAT, 1, &d, b->ffn_norm, path, name));
     LV_TRY(check_finite(b->attn_norm, d, path, "attn_norm"));
     LV_TRY(check_finite(b->ffn_norm, d, path, "ffn_norm"));
-    for (int k = 0; k < LV_LIN_COUNT; k++)
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        int r = 0;
         LV_TRY(read_linear(g, (lv_lin)k, cfg, &b->lin[k], &b->rel_err[k], shared, shared_dims,
-                           path, name));
+                           &r, &b->lora_A[k], &b->lora_B[k], path, name));
+        if (r && b->lora_rank && r != b->lora_rank)
+            LV_FAIL(LV_ERR_FORMAT, "%s: %s/%s has LoRA rank %d, another linear of the block %d",
+                    path, name, lv_lin_name((lv_lin)k), r, b->lora_rank);
+        if (r) b->lora_rank = r;
+    }
 done:
     if (g >= 0) H5Gclose(g);
     return st;
@@ -695,7 +771,21 @@ uint64_t io_qblock_checksum(const lv_qblock *b)
         h = fnv(h, L->scales, (size_t)L->d_out * sizeof(float));
         h = fnv(h, &b->rel_err[k], sizeof(double));
     }
-    return fnv(h, &b->block_mse, sizeof(double));
+    h = fnv(h, &b->block_mse, sizeof(double));
+    /* Adapters only when present: blocks without them keep their old checksums. */
+    if (b->lora_rank > 0) {
+        const int64_t r = b->lora_rank;
+        h = fnv(h, &r, sizeof r);
+        for (int k = 0; k < LV_LIN_COUNT; k++) {
+            const lv_aq_layer *L = &b->lin[k];
+            if (!b->lora_A[k] || !b->lora_B[k]) continue;
+            const unsigned char tag = (unsigned char)k;
+            h = fnv(h, &tag, 1);
+            h = fnv(h, b->lora_A[k], (size_t)(r * L->d_in) * sizeof(float));
+            h = fnv(h, b->lora_B[k], (size_t)(L->d_out * r) * sizeof(float));
+        }
+    }
+    return h;
 }
 
 /* The model file's checksum: FNV-1a over the embeddings, final norm and
@@ -726,7 +816,38 @@ done:
     return st;
 }
 
+/* W (d_out, d_in) += B (d_out, r) A (r, d_in): each element summed over t in
+ * order in float, the same for any number of threads. */
+static void add_lora(float *W, const float *A, const float *B, int64_t d_out, int64_t d_in,
+                     int64_t r)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < d_out; i++)
+        for (int64_t j = 0; j < d_in; j++) {
+            float acc = 0.0f;
+            for (int64_t t = 0; t < r; t++) acc += B[i * r + t] * A[t * d_in + j];
+            W[i * d_in + j] += acc;
+        }
+}
+
+/* W = dequantized linear k of b, plus its adapter when apply_lora and present. */
+static lv_status block_linear_fp(const lv_qblock *b, int k, int apply_lora, float *W)
+{
+    lv_status st = LV_OK;
+    const lv_aq_layer *L = &b->lin[k];
+    LV_TRY(io_qmodel_dequant_linear(L, W));
+    if (apply_lora && b->lora_rank > 0 && b->lora_A[k] && b->lora_B[k])
+        add_lora(W, b->lora_A[k], b->lora_B[k], L->d_out, L->d_in, b->lora_rank);
+done:
+    return st;
+}
+
 lv_status io_qmodel_to_fp(const lv_qmodel *q, lv_model **out)
+{
+    return io_qmodel_to_fp_opts(q, 1, out);
+}
+
+lv_status io_qmodel_to_fp_opts(const lv_qmodel *q, int apply_lora, lv_model **out)
 {
     lv_status st = LV_OK;
     lv_model *m = NULL;
@@ -769,7 +890,7 @@ lv_status io_qmodel_to_fp(const lv_qmodel *q, lv_model **out)
         a += dim;
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *L = &b->lin[k];
-            LV_TRY(io_qmodel_dequant_linear(L, a));
+            LV_TRY(block_linear_fp(b, k, apply_lora, a));
             *lv_layer_slot(ly, (lv_lin)k) = a;
             a += (size_t)(L->d_out * L->d_in);
         }
@@ -803,7 +924,7 @@ lv_status io_qblock_fp_view(const lv_model *fp, int layer, const lv_qblock *b, f
     view->storage = NULL;
     lv_layer *L = &layers[layer];
     for (int k = 0; k < LV_LIN_COUNT; k++) {
-        LV_TRY(io_qmodel_dequant_linear(&b->lin[k], w));
+        LV_TRY(block_linear_fp(b, k, 1, w));
         *lv_layer_slot(L, (lv_lin)k) = w;
         w += b->lin[k].d_out * b->lin[k].d_in;
     }

@@ -66,11 +66,12 @@ lv_status io_qmodel_write(const lv_qmodel *q, const char *path);
 lv_status io_qmodel_read(lv_qmodel **out, const char *path);
 
 /* An FP model whose linears are the dequantized ones (owned arena), so that
- * every FP path (eval, generate, convert) runs a quantized model. Caller frees
- * with io_model_free. */
+ * every FP path (eval, generate, convert) runs a quantized model. LoRA
+ * adapters of the blocks, when present, are added (What + B A); see
+ * io_qmodel_to_fp_opts to leave them out. Caller frees with io_model_free. */
 lv_status io_qmodel_to_fp(const lv_qmodel *q, lv_model **out);
-/* *view = fp with block `layer`'s linears replaced by the dequantized b and
- * its norms by b's: a shallow copy sharing everything else (view->storage is
+/* *view = fp with block `layer`'s linears replaced by the dequantized b (plus
+ * its LoRA adapters when present) and its norms by b's: a shallow copy sharing everything else (view->storage is
  * NULL; never io_model_free it). w (sum of the 7 linears' d_out*d_in floats)
  * and layers (n_layers) are caller-owned scratch the view points into. */
 lv_status io_qblock_fp_view(const lv_model *fp, int layer, const lv_qblock *b, float *w,
@@ -203,5 +204,39 @@ void io_hf_aqlm_module(char *buf, size_t cap, int layer, lv_lin k);
 
 /* float32 -> IEEE fp16 bits, round to nearest even (overflow -> Inf, NaN kept). */
 uint16_t io_f32_to_f16(float f);
+
+/* ---------------- LoRA adapters (ApiQ init, stages/apiq.c) ----------------
+ * Blocks may carry LoRA factors (lv_qblock lora_rank / lora_A / lora_B): in
+ * model.h5 and block checkpoints they are the optional datasets lora_A
+ * (r, d_in) and lora_B (d_out, r) of each linear's group (docs/formats-h5.md). */
+
+/* io_qmodel_to_fp with a choice: apply_lora 1 adds each present adapter
+ * (What + B A, what io_qmodel_to_fp does), 0 gives the quantized weights alone. */
+lv_status io_qmodel_to_fp_opts(const lv_qmodel *q, int apply_lora, lv_model **out);
+
+/* Adapter storage per quantized weight at 16 bits per parameter:
+ * 16 * sum over adapters of r (d_out + d_in) / (all linear weights); 0 without
+ * adapters. Not part of lv_qmodel_bits_per_weight (adapters are trained further,
+ * not a compression of W). *n_params (may be NULL) = the LoRA parameter count. */
+double io_qmodel_lora_bits_per_weight(const lv_qmodel *q, int64_t *n_params);
+
+/* The adapters of q as a PEFT LoRA directory (created if needed; files replaced
+ * atomically): DIR/adapter_model.safetensors with, per block l and adapted
+ * linear, base_model.model.model.layers.{l}.{self_attn.q_proj ... mlp.up_proj}
+ * .lora_A.weight (r, in) and .lora_B.weight (out, r), and DIR/adapter_config.json
+ * (peft_type LORA, task_type CAUSAL_LM, r, lora_alpha = r so the scaling is 1,
+ * target_modules, bias none, base_model_name_or_path null). q/k rows of lora_B
+ * are permuted to HF's rotate-half order when q uses interleaved RoPE (as the HF
+ * exports permute the weights). Every block must have the same rank and the
+ * same adapted linears; float32 tensors. */
+lv_status io_qmodel_write_peft_lora(const lv_qmodel *q, const char *dir);
+
+typedef struct {
+    int fp16;                   /* 1: F16 tensors (values beyond the fp16 range refused) */
+    const char *base_model;     /* base_model_name_or_path (NULL: JSON null), borrowed */
+} io_peft_lora_opts;
+/* io_qmodel_write_peft_lora with options (opts NULL: the defaults above). */
+lv_status io_qmodel_write_peft_lora_opts(const lv_qmodel *q, const char *dir,
+                                         const io_peft_lora_opts *opts);
 
 #endif

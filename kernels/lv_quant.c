@@ -79,7 +79,40 @@ void lv_qblock_free(lv_qblock *b)
     free(b->attn_norm);
     free(b->ffn_norm);
     for (int k = 0; k < LV_LIN_COUNT; k++) lv_aq_layer_free(&b->lin[k]);
+    lv_qblock_lora_free(b);
     memset(b, 0, sizeof *b);
+}
+
+void lv_qblock_lora_free(lv_qblock *b)
+{
+    if (!b) return;
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        free(b->lora_A[k]);
+        free(b->lora_B[k]);
+        b->lora_A[k] = NULL;
+        b->lora_B[k] = NULL;
+    }
+    b->lora_rank = 0;
+}
+
+lv_status lv_qblock_lora_init(lv_qblock *b, int r)
+{
+    lv_status st = LV_OK;
+    lv_qblock_lora_free(b);
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        const lv_aq_layer *L = &b->lin[k];
+        if (r < 1 || L->d_out <= 0 || L->d_in <= 0 || r > L->d_out || r > L->d_in)
+            LV_FAIL(LV_ERR_INVALID_ARG, "LoRA rank %d does not fit linear %s (%lld x %lld)", r,
+                    lv_lin_name((lv_lin)k), (long long)L->d_out, (long long)L->d_in);
+    }
+    b->lora_rank = r;
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        LV_ALLOC(b->lora_A[k], (size_t)r * (size_t)b->lin[k].d_in);
+        LV_ALLOC(b->lora_B[k], (size_t)b->lin[k].d_out * (size_t)r);
+    }
+done:
+    if (st != LV_OK) lv_qblock_lora_free(b);
+    return st;
 }
 
 lv_status lv_qmodel_init(lv_qmodel **out, const lv_model *fp, int M, int nbits, int g)

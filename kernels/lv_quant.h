@@ -54,6 +54,14 @@ typedef struct {
     lv_aq_layer lin[LV_LIN_COUNT];
     double rel_err[LV_LIN_COUNT]; /* layer-wise relative error tr(dW H dW^T)/tr(W H W^T) */
     double block_mse;             /* relative MSE of the block's outputs (after fine-tuning) */
+    /* Optional LoRA adapters (ApiQ init, stages/apiq.c): the linear's weight is
+     * What + lora_B[k] lora_A[k]. lora_rank 0: none, every pointer NULL. With
+     * lora_rank r > 0, linear k has an adapter when lora_A[k] and lora_B[k] are
+     * both non-NULL (both NULL: none for that linear). Not counted in bits per
+     * weight: adapters are a starting point for fine-tuning, kept in fp32. */
+    int lora_rank;
+    float *lora_A[LV_LIN_COUNT];  /* (lora_rank, d_in) row-major, owned, or NULL */
+    float *lora_B[LV_LIN_COUNT];  /* (d_out, lora_rank) row-major, owned, or NULL */
 } lv_qblock;
 
 typedef struct {
@@ -76,6 +84,13 @@ void lv_aq_layer_free(lv_aq_layer *L);
 /* Empty blocks for cfg (norms, linears allocated per the shapes and config). */
 lv_status lv_qblock_init(lv_qblock *b, const lv_model_config *cfg, int M, int nbits, int g);
 void lv_qblock_free(lv_qblock *b);
+
+/* Zero LoRA factors of rank r (1 <= r <= min(d_out, d_in) of every linear) for
+ * all seven linears of b, whose lin[] must be initialised; replaces (frees) any
+ * adapters b had. */
+lv_status lv_qblock_lora_init(lv_qblock *b, int r);
+/* Frees the adapters of b (lora_rank 0 afterwards). */
+void lv_qblock_lora_free(lv_qblock *b);
 
 /* Quantized model skeleton: copies embeddings/final norm/classifier of fp,
  * blocks allocated empty. */

@@ -378,4 +378,65 @@ lv_status stage_vq_run_shared(int n_layers, const float *const *W, const float *
  * weights). 0 when n < 1 or the layers differ in M, nbits or g. */
 double stage_aqlm_bits_per_weight_shared(int n, const lv_aq_layer *layers);
 
+/* ========================================================================
+ * ApiQ / LoftQ-style LoRA initialisation (stages/apiq.c; arXiv 2402.05147).
+ * The quantized weight What and low-rank adapters B (d_out, r), A (r, d_in)
+ * are chosen together so that the linear's output on the calibration inputs
+ * is preserved: minimise tr((W - What - B A) H (W - What - B A)^T), H = X^T X
+ * the layer's calibration Hessian (any positive multiple). A (r, d_in) and
+ * B (d_out, r) are float32 row-major, PEFT's lora_A / lora_B layout (the
+ * adapted linear computes What x + B (A x), scaling 1).
+ * Host memory, synchronous, not collective; deterministic for a fixed number
+ * of OpenBLAS threads (no random numbers).
+ * ====================================================================== */
+
+/* Relative diagonal damping of H for the LoRA fit: H_d = H + lambda I with
+ * lambda = STAGE_LORA_DAMP * mean(diag H). It makes H_d positive definite when
+ * H is only PSD or singular (e.g. fewer calibration rows than d_in) and moves
+ * the objective by at most that fraction. When the Cholesky factorisation of
+ * H_d still fails, lambda is raised tenfold, at most up to 1e-2 * mean(diag H). */
+#define STAGE_LORA_DAMP 1e-6
+
+/* Closed-form best rank-r B A for a residual E (d_out, d_in) under the
+ * H_d-metric: min over rank-r M of tr((E - M) H_d (E - M)^T). With H_d = L L^T,
+ * M = [E L]_r L^-1 ([.]_r: truncated SVD, Eckart-Young); the SVD comes from an
+ * eigen-decomposition of the smaller Gram matrix (E H_d E^T when d_out <= d_in,
+ * needing no factor of H_d; else L^T E^T E L). The singular values are split
+ * evenly: with [E L]_r = U S V^T, B = U S^1/2 and A = S^1/2 V^T L^-1, so both
+ * factors have similar scale (as LoftQ/ApiQ initialise). Directions with zero
+ * singular value get zero rows/columns. Eigenvector signs are fixed (largest
+ * |entry| positive), so the result is deterministic. 1 <= r <= min(d_out, d_in).
+ * A (r, d_in), B (d_out, r) caller-allocated outputs. *rel (may be NULL) =
+ * tr((E - B A) H (E - B A)^T) / tr(E H E^T) with the undamped H (0 when E is 0
+ * in the H-metric). */
+lv_status stage_lora_fit(const float *E, const float *H, int64_t d_out, int64_t d_in, int r,
+                         float *A, float *B, double *rel);
+
+#define STAGE_APIQ_MAX_ITERS 16
+
+typedef struct {
+    int iters;            /* alternations run */
+    int best_iter;        /* iterate kept (0: AQLM on W + LoRA fit to its residual) */
+    double rel_err_q[STAGE_APIQ_MAX_ITERS];    /* What alone after step t: tr(dW H dW^T) / tr(W H W^T) */
+    double rel_err_qlora[STAGE_APIQ_MAX_ITERS];/* What + B A after step t */
+    double rel_err_aqlm;  /* rel_err_q[0]: plain AQLM (the baseline) */
+    double rel_err_best;  /* What + B A of the kept iterate (<= rel_err_qlora[0]) */
+    double aqlm_s, lora_s, wall_s; /* time in stage_aqlm_run, in stage_lora_fit, all */
+} stage_apiq_stats;
+
+/* Joint quantization + LoRA init of one layer W (d_out, d_in) with Hessian H
+ * (d_in, d_in), rank r, by alternation (LoftQ/ApiQ): B A = 0; then `iters`
+ * times (1..STAGE_APIQ_MAX_ITERS): What = stage_aqlm_run(W - B A, H, acfg),
+ * B A = stage_lora_fit(W - What, H). Every step's What-alone and What + B A
+ * errors are reported; the iterate with the lowest What + B A error is kept
+ * (the first on ties), so the result is never worse than iteration 0, which is
+ * plain AQLM plus the optimal LoRA of its residual. q must be zeroed; it gets
+ * the kept quantized layer and the caller frees it (also on failure). A
+ * (r, d_in), B (d_out, r) caller-allocated outputs. stats may be NULL. Same
+ * inputs and acfg->seed give the same result. */
+lv_status stage_apiq_layer(const float *W, const float *H, int64_t d_out, int64_t d_in, int r,
+                           int iters, const stage_aqlm_config *acfg, lv_aq_layer *q, float *A,
+                           float *B, stage_apiq_stats *stats);
+/* ---------------- end of ApiQ ---------------- */
+
 #endif
