@@ -60,6 +60,14 @@ static const job_key schema[] = {
     {"finetune", "freeze_norms", JOB_BOOL, "false", NOLIM, NULL,
      "keep the RMSNorm weights of the FP model"},
 
+    /* [apiq] */
+    {"apiq", "rank", JOB_INT, "0", 0, 4096, NULL,
+     "ApiQ: rank of the LoRA adapters initialised jointly with each linear's quantization so "
+     "that its calibration outputs are preserved (0 = none); eval applies them, export "
+     "--format peft-lora writes them; needs share_codebooks = none and finetune.enable = false"},
+    {"apiq", "iters", JOB_INT, "2", 1, 16, NULL,
+     "ApiQ alternations of (quantize W - B A, refit B A to the residual)"},
+
     /* [run] */
     {"run", "seed", JOB_INT, "0", 0, 9.0e15, NULL,
      "seed of every random choice: same job + seed = bit-identical codes"},

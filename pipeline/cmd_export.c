@@ -65,10 +65,15 @@ done:
 
 int pipe_cmd_export(int argc, char **argv)
 {
-    const char *model_path = NULL, *format = NULL, *out = NULL, *tok_path = NULL;
+    const char *model_path = NULL, *format = NULL, *out = NULL, *tok_path = NULL, *base = NULL;
+    int fp16 = 0;
     const pipe_opt opts[] = {
         {"model", PIPE_OPT_STR, &model_path, "quantized model: model.h5 or an HF AQLM directory"},
-        {"format", PIPE_OPT_STR, &format, "hf-aqlm (peft-lora: not implemented yet)"},
+        {"format", PIPE_OPT_STR, &format,
+         "hf-aqlm (the quantized model) or peft-lora (its ApiQ adapters, for PEFT)"},
+        {"fp16", PIPE_OPT_FLAG, &fp16, "peft-lora: store the adapters in fp16 (default fp32)"},
+        {"base-model", PIPE_OPT_STR, &base,
+         "peft-lora: base_model_name_or_path written into adapter_config.json"},
         {"out", PIPE_OPT_STR, &out, "output directory (created; its files are replaced)"},
         {"tokenizer", PIPE_OPT_STR, &tok_path,
          "llama2.c tokenizer copied to DIR/tokenizer.bin (default: the one beside the model, "
@@ -76,7 +81,8 @@ int pipe_cmd_export(int argc, char **argv)
     };
     const int n_opts = (int)(sizeof opts / sizeof opts[0]);
     int n_pos = 0;
-    int rc = pipe_opts_parse("export", "--model PATH --format hf-aqlm --out DIR", opts, n_opts,
+    int rc = pipe_opts_parse("export", "--model PATH --format hf-aqlm|peft-lora --out DIR", opts,
+                             n_opts,
                              argc, argv, NULL, 0, &n_pos);
     if (rc) return rc < 0 ? PIPE_EXIT_OK : rc;
     if (!model_path || !format || !out) {
@@ -91,9 +97,17 @@ int pipe_cmd_export(int argc, char **argv)
     lv_qmodel *q = NULL;
     io_hf_aqlm_report rep = {0};
     char found[4200];
-    if (!strcmp(format, "peft-lora"))
-        LV_FAIL(LV_ERR_UNSUPPORTED, "--format peft-lora is not implemented yet (only hf-aqlm)");
     LV_TRY(read_quantized(model_path, &q));
+    if (!strcmp(format, "peft-lora")) {
+        const io_peft_lora_opts po = {.fp16 = fp16, .base_model = base};
+        int64_t n_params = 0;
+        double bits = io_qmodel_lora_bits_per_weight(q, &n_params);
+        LV_TRY(io_qmodel_write_peft_lora_opts(q, out, &po));
+        lv_log("wrote %s (PEFT LoRA adapters, rank %d, %lld parameters, %s; %.3f extra bits per "
+               "quantized weight at fp16)", out, q->blocks[0].lora_rank, (long long)n_params,
+               fp16 ? "fp16" : "fp32", bits);
+        goto done;
+    }
     LV_TRY(io_qmodel_write_hf_aqlm(q, out, &rep));
     lv_log("wrote %s (HF AQLM %dx%dg%d, %d linears, %.3f bits per quantized weight, %.2f MiB)",
            out, q->M, q->nbits, q->g, rep.n_linears, rep.bits_per_weight,

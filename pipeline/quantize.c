@@ -50,6 +50,12 @@ static lv_status read_job(qjob *q, const job_file *j)
                 "(the shared codebooks are fitted to every block's Hessian at once, so all "
                 "blocks see the FP model's activations)");
     LV_TRY(pipe_job_stage_configs(j, &q->acfg, &q->ft_enable, &q->ft));
+    LV_TRY(job_get_int(j, "apiq.rank", &q->apiq_rank));
+    LV_TRY(job_get_int(j, "apiq.iters", &q->apiq_iters));
+    if (q->apiq_rank > 0 && (q->share_model || q->ft_enable))
+        LV_FAIL(LV_ERR_INVALID_ARG, "apiq.rank = %lld needs quant.share_codebooks = none and "
+                "finetune.enable = false (ApiQ fits adapters per linear; block fine-tuning does "
+                "not train through them yet)", (long long)q->apiq_rank);
     if (ck[0])
         snprintf(q->ckpt_dir, sizeof q->ckpt_dir, "%s", ck);
     else
@@ -157,7 +163,8 @@ done:
 
 const char *const pipe_prof_names[PIPE_PROF_N] = {"calibration_s", "aqlm_init_s", "beam_search_s",
                                                    "codebook_update_s", "finetune_s",
-                                                   "quantized_forward_s", "checkpoint_io_s"};
+                                                   "quantized_forward_s", "checkpoint_io_s",
+                                                   "apiq_s"};
 
 /* Quantize the seven linears of block `layer` from the Hessians in w->h. */
 static lv_status quantize_linears(qjob *q, int layer, qwork *w, lv_qblock *b)
@@ -174,6 +181,15 @@ static lv_status quantize_linears(qjob *q, int layer, qwork *w, lv_qblock *b)
         acfg.seed = (uint64_t)q->seed * 1000003ULL + (uint64_t)layer * 16 + (uint64_t)k;
         stage_aqlm_stats stats;
         lv_aq_layer_free(&b->lin[k]);
+        if (q->apiq_rank > 0) { /* quantization and adapters fitted together */
+            stage_apiq_stats as;
+            LV_TRY(stage_apiq_layer(lv_layer_weight(&q->fp->layers[layer], (lv_lin)k), w->H32, o,
+                                    i, (int)q->apiq_rank, (int)q->apiq_iters, &acfg, &b->lin[k],
+                                    b->lora_A[k], b->lora_B[k], &as));
+            q->prof[PIPE_PROF_APIQ] += as.wall_s;
+            b->rel_err[k] = as.rel_err_best;
+            continue;
+        }
         LV_TRY(stage_aqlm_run(lv_layer_weight(&q->fp->layers[layer], (lv_lin)k), w->H32, o, i, &acfg,
                               &b->lin[k], &stats));
         q->prof[PIPE_PROF_AQLM_INIT] += stats.init_s;
@@ -319,6 +335,14 @@ static lv_status write_summary(const qjob *q, const lv_qmodel *qm, const char *p
         cJSON_AddNullToObject(o, "ppl_fp");
         cJSON_AddNullToObject(o, "ppl_quant");
     }
+    if (q->apiq_rank > 0) {
+        int64_t n_lora = 0;
+        double lbits = io_qmodel_lora_bits_per_weight(qm, &n_lora);
+        cJSON_AddNumberToObject(o, "lora_rank", (double)q->apiq_rank);
+        cJSON_AddNumberToObject(o, "lora_params", (double)n_lora);
+        cJSON_AddNumberToObject(o, "lora_bits_per_weight_fp16", lbits);
+        if (q->eval_path[0]) cJSON_AddNumberToObject(o, "ppl_quant_no_lora", q->ppl_quant_no_lora);
+    }
     cJSON_AddNumberToObject(o, "wall_s", q->wall_s);
     cJSON_AddNumberToObject(o, "peak_rss_bytes", (double)lv_peak_rss_bytes());
     cJSON_AddNumberToObject(o, "blocks_resumed", q->n_resumed);
@@ -418,6 +442,7 @@ static lv_status quantize_shard(qjob *q, comm_ctx *comm, pipe_progress *prog, in
         int before = q->n_resumed;
         const double tb = lv_now();
         LV_TRY(lv_qblock_init(&b, c, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size));
+        if (q->apiq_rank > 0) LV_TRY(lv_qblock_lora_init(&b, (int)q->apiq_rank));
         memcpy(b.attn_norm, q->fp->layers[l].attn_norm, sizeof(float) * (size_t)c->dim);
         memcpy(b.ffn_norm, q->fp->layers[l].ffn_norm, sizeof(float) * (size_t)c->dim);
         LV_TRY(run_block(q, l, &w, &b, micro));
@@ -458,12 +483,24 @@ static lv_status assemble(qjob *q, double t_start)
         LV_TRY(eval_model(q->fp, q, &q->ppl_fp));
         LV_TRY(io_qmodel_to_fp(qm, &qfp));
         LV_TRY(eval_model(qfp, q, &q->ppl_quant));
+        if (q->apiq_rank > 0) { /* the same quantized model without its adapters */
+            io_model_free(qfp);
+            qfp = NULL;
+            LV_TRY(io_qmodel_to_fp_opts(qm, 0, &qfp));
+            LV_TRY(eval_model(qfp, q, &q->ppl_quant_no_lora));
+        }
     }
     q->eval_s = lv_now() - te;
     q->wall_s = lv_now() - t_start;
     snprintf(path, sizeof path, "%s/summary.json", q->out_dir);
     LV_TRY(write_summary(q, qm, path));
-    if (q->eval_path[0])
+    if (q->eval_path[0] && q->apiq_rank > 0)
+        printf("perplexity FP %.4f -> quantized %.4f with its rank-%lld ApiQ adapters (%.4f "
+               "without them) at %.3f bits per weight + %.3f of fp16 adapters (%.1f s)\n",
+               q->ppl_fp, q->ppl_quant, (long long)q->apiq_rank, q->ppl_quant_no_lora,
+               lv_qmodel_bits_per_weight(qm), io_qmodel_lora_bits_per_weight(qm, NULL),
+               q->wall_s);
+    else if (q->eval_path[0])
         printf("perplexity FP %.4f -> quantized %.4f at %.3f bits per weight (%.1f s)\n",
                q->ppl_fp, q->ppl_quant, lv_qmodel_bits_per_weight(qm), q->wall_s);
     else

@@ -17,6 +17,7 @@ enum {
     PIPE_PROF_FT,        /* block fine-tuning */
     PIPE_PROF_QFWD,      /* quantized block forward for the block error / propagation */
     PIPE_PROF_IO,        /* checkpoint reads and writes */
+    PIPE_PROF_APIQ,      /* ApiQ: AQLM + LoRA fits of every linear (apiq.rank > 0) */
     PIPE_PROF_N
 };
 extern const char *const pipe_prof_names[PIPE_PROF_N];
@@ -26,6 +27,7 @@ typedef struct {
     const char *model_path, *tok_path, *calib_path, *out_dir, *eval_path, *prop;
     int share_model;     /* quant.share_codebooks = model */
     int rank_logs;       /* --rank-logs */
+    int64_t apiq_rank, apiq_iters; /* [apiq]: LoRA adapters (rank 0 = none) */
     char ckpt_dir[4096];
     const char *scratch_dir; /* run.scratch_dir: "" = activations in RAM */
     int64_t nsamples, seqlen, seed, eval_ctx, eval_max;
@@ -40,7 +42,7 @@ typedef struct {
     int64_t n_seq;
     int T;
     /* results */
-    double ppl_fp, ppl_quant, wall_s, eval_s;
+    double ppl_fp, ppl_quant, ppl_quant_no_lora, wall_s, eval_s;
     double prof[PIPE_PROF_N];
     int n_resumed;
 } qjob;

@@ -24,3 +24,5 @@ llmvq_add_script_test(NAME quantize_shared LABELS "cli;mpi" ENV ${LLMVQ_MPI_ASAN
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_shared.sh)
 llmvq_add_script_test(NAME quantize_patience LABELS "cli;mpi;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_patience.sh)
+llmvq_add_script_test(NAME quantize_apiq LABELS "cli;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_apiq.sh)
