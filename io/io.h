@@ -239,4 +239,18 @@ typedef struct {
 lv_status io_qmodel_write_peft_lora_opts(const lv_qmodel *q, const char *dir,
                                          const io_peft_lora_opts *opts);
 
+/* ---------------- quantized models run from their codes (io/qmodel_view.c) ---------------- */
+
+/* *out = q as an FP model shell whose linears stay quantized: every lv_layer.aq[k]
+ * points to q's block linear, the float linear pointers are NULL, embeddings, norms and
+ * classifier point into q. The forward (kern_block_forward, kern_decode_step) multiplies
+ * straight from the codes (kern_qmm.h). q is borrowed and must outlive *out; free *out
+ * with io_model_free (it owns only the shell). Checks every linear's shape. */
+lv_status io_qmodel_view(const lv_qmodel *q, lv_model **out);
+
+/* Open a model for inference. A quantized model (llmvq .h5 file, HF AQLM directory) is
+ * read into *q and *out is its io_qmodel_view; any other model is io_model_open'ed
+ * (AUTO) with *q = NULL. Free *out (io_model_free) before *q (lv_qmodel_free). */
+lv_status io_model_open_quantized(lv_model **out, lv_qmodel **q, const char *path);
+
 #endif

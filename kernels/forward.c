@@ -4,7 +4,10 @@
  * GEMM over all B*T rows; attention runs per (sequence, head). The workspace is
  * sized once at init; the forward itself allocates nothing.
  * Decoding (kern_decode_step): one token through a KV cache, using the same ops
- * (and the same attention row function), so its logits match the batched ones. */
+ * (and the same attention row function), so its logits match the batched ones.
+ * A linear the layer holds quantized (lv_layer.aq) is multiplied straight from its
+ * codes (kern_aq_gemm); the scratch for that grows on the first such call and is
+ * reused after. */
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -12,6 +15,10 @@
 
 #include "kern.h"
 #include "kern_impl.h"
+#include "kern_qmm.h"
+
+_Static_assert(sizeof(((lv_layer *)0)->aq) / sizeof(((lv_layer *)0)->aq[0]) == LV_LIN_COUNT,
+               "lv_layer.aq has one slot per linear");
 
 struct kern_fwd_ws {
     lv_model_config cfg; /* shapes the buffers were sized for */
@@ -28,6 +35,7 @@ struct kern_fwd_ws {
     float *hb2;    // (B, T, hidden) up
     float *att;    // kern_attention_scratch floats: per-thread score tiles
     float *logits; // (B, T, vocab) or NULL
+    kern_aq_ws *aq; /* scratch of the quantized linears */
 };
 
 struct kern_kv_cache {
@@ -44,6 +52,7 @@ struct kern_kv_cache {
     float *hb2;    // (hidden)
     float *att;    // (n_heads, max_pos)
     float *logits; // (vocab)
+    kern_aq_ws *aq; /* scratch of the quantized linears */
 };
 
 static lv_status check_cfg(const lv_model_config *c)
@@ -118,6 +127,7 @@ lv_status kern_fwd_ws_init(kern_fwd_ws **ws, const lv_model_config *cfg, int B, 
     ws_layout(w, with_logits, &total);
     LV_ALLOC(w->arena, total);
     ws_layout(w, with_logits, &total);
+    LV_TRY(kern_aq_ws_init(&w->aq));
     *ws = w;
     w = NULL;
 done:
@@ -128,6 +138,7 @@ done:
 void kern_fwd_ws_free(kern_fwd_ws *ws)
 {
     if (!ws) return;
+    kern_aq_ws_free(ws->aq);
     free(ws->arena);
     free(ws);
 }
@@ -137,6 +148,25 @@ static void add_inplace(float *x, const float *y, int64_t n)
 {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* out (n, d_out) = x (n, d_in) @ W^T for linear `which` of L: its float weight through
+ * sgemm, or straight from the codes when the layer holds it quantized. */
+static lv_status linear(const lv_layer *L, lv_lin which, float *out, const float *x, int64_t n,
+                        int d_in, int d_out, kern_aq_ws *aq_ws)
+{
+    lv_status st = LV_OK;
+    const lv_aq_layer *q = L->aq[which];
+    if (!q) {
+        kern_matmul_ref(out, x, lv_layer_weight(L, which), n, d_in, d_out);
+        goto done;
+    }
+    if (q->d_in != d_in || q->d_out != d_out)
+        LV_FAIL(LV_ERR_INVALID_ARG, "forward: quantized %s is %lldx%lld, the model needs %dx%d",
+                lv_lin_name(which), (long long)q->d_out, (long long)q->d_in, d_out, d_in);
+    LV_TRY(kern_aq_gemm(out, x, q, n, aq_ws));
+done:
+    return st;
 }
 
 static lv_status check_batch(const lv_model *m, int B, int T, const kern_fwd_ws *ws)
@@ -183,25 +213,25 @@ lv_status kern_block_forward_tap(const lv_model *m, int layer, float *x, int B, 
     // attention: x += wo . attn(rope(wq xb), rope(wk xb), wv xb), xb = rmsnorm(x)
     kern_rmsnorm_ref(ws->xb, x, L->attn_norm, n, c->dim, c->norm_eps);
     TAP(KERN_TAP_ATTN_IN, ws->xb, c->dim);
-    kern_matmul_ref(ws->q, ws->xb, L->wq, n, c->dim, c->dim);
-    kern_matmul_ref(ws->k, ws->xb, L->wk, n, c->dim, kv);
-    kern_matmul_ref(ws->v, ws->xb, L->wv, n, c->dim, kv);
+    LV_TRY(linear(L, LV_LIN_WQ, ws->q, ws->xb, n, c->dim, c->dim, ws->aq));
+    LV_TRY(linear(L, LV_LIN_WK, ws->k, ws->xb, n, c->dim, kv, ws->aq));
+    LV_TRY(linear(L, LV_LIN_WV, ws->v, ws->xb, n, c->dim, kv, ws->aq));
     kern_rope_ref(ws->q, B, T, c->n_heads, hd, 0, c->rope_theta, c->rope);
     kern_rope_ref(ws->k, B, T, c->n_kv_heads, hd, 0, c->rope_theta, c->rope);
     kern_attention_ref(ws->ao, ws->q, ws->k, ws->v, B, T, c->n_heads, c->n_kv_heads, hd,
                        ws->att);
     TAP(KERN_TAP_WO_IN, ws->ao, c->dim);
-    kern_matmul_ref(ws->xb, ws->ao, L->wo, n, c->dim, c->dim);
+    LV_TRY(linear(L, LV_LIN_WO, ws->xb, ws->ao, n, c->dim, c->dim, ws->aq));
     add_inplace(x, ws->xb, n * c->dim);
 
     // FFN: x += w2 (silu(w1 xb) * w3 xb), xb = rmsnorm(x)
     kern_rmsnorm_ref(ws->xb, x, L->ffn_norm, n, c->dim, c->norm_eps);
     TAP(KERN_TAP_FFN_IN, ws->xb, c->dim);
-    kern_matmul_ref(ws->hb, ws->xb, L->w1, n, c->dim, c->hidden_dim);
-    kern_matmul_ref(ws->hb2, ws->xb, L->w3, n, c->dim, c->hidden_dim);
+    LV_TRY(linear(L, LV_LIN_W1, ws->hb, ws->xb, n, c->dim, c->hidden_dim, ws->aq));
+    LV_TRY(linear(L, LV_LIN_W3, ws->hb2, ws->xb, n, c->dim, c->hidden_dim, ws->aq));
     kern_swiglu_ref(ws->hb, ws->hb, ws->hb2, n * c->hidden_dim);
     TAP(KERN_TAP_W2_IN, ws->hb, c->hidden_dim);
-    kern_matmul_ref(ws->xb, ws->hb, L->w2, n, c->hidden_dim, c->dim);
+    LV_TRY(linear(L, LV_LIN_W2, ws->xb, ws->hb, n, c->hidden_dim, c->dim, ws->aq));
     add_inplace(x, ws->xb, n * c->dim);
 done:
     return st;
@@ -275,6 +305,7 @@ lv_status kern_kv_cache_init(kern_kv_cache **kv, const lv_model_config *cfg, int
     kv_layout(k, &total);
     LV_ALLOC(k->arena, total);
     kv_layout(k, &total);
+    LV_TRY(kern_aq_ws_init(&k->aq));
     *kv = k;
     k = NULL;
 done:
@@ -285,13 +316,15 @@ done:
 void kern_kv_cache_free(kern_kv_cache *kv)
 {
     if (!kv) return;
+    kern_aq_ws_free(kv->aq);
     free(kv->arena);
     free(kv);
 }
 
 /* One layer for the token at `pos`; its k, v go into the cache at row pos. */
-static void decode_layer(const lv_model *m, kern_kv_cache *kv, int l, int pos)
+static lv_status decode_layer(const lv_model *m, kern_kv_cache *kv, int l, int pos)
 {
+    lv_status st = LV_OK;
     const lv_model_config *c = &m->cfg;
     const lv_layer *L = &m->layers[l];
     const int hd = lv_cfg_head_dim(c), kvd = lv_cfg_kv_dim(c);
@@ -302,9 +335,9 @@ static void decode_layer(const lv_model *m, kern_kv_cache *kv, int l, int pos)
     float *k_row = key_l + (int64_t)pos * kvd, *v_row = value_l + (int64_t)pos * kvd;
 
     kern_rmsnorm_ref(kv->xb, kv->x, L->attn_norm, 1, c->dim, c->norm_eps);
-    kern_matmul_ref(kv->q, kv->xb, L->wq, 1, c->dim, c->dim);
-    kern_matmul_ref(k_row, kv->xb, L->wk, 1, c->dim, kvd);
-    kern_matmul_ref(v_row, kv->xb, L->wv, 1, c->dim, kvd);
+    LV_TRY(linear(L, LV_LIN_WQ, kv->q, kv->xb, 1, c->dim, c->dim, kv->aq));
+    LV_TRY(linear(L, LV_LIN_WK, k_row, kv->xb, 1, c->dim, kvd, kv->aq));
+    LV_TRY(linear(L, LV_LIN_WV, v_row, kv->xb, 1, c->dim, kvd, kv->aq));
     kern_rope_ref(kv->q, 1, 1, c->n_heads, hd, pos, c->rope_theta, c->rope);
     kern_rope_ref(k_row, 1, 1, c->n_kv_heads, hd, pos, c->rope_theta, c->rope);
 #pragma omp parallel for schedule(static)
@@ -313,15 +346,17 @@ static void decode_layer(const lv_model *m, kern_kv_cache *kv, int l, int pos)
         kern_attn_row_ref(kv->ao + h * hd, kv->q + h * hd, key_l + off_kv, value_l + off_kv,
                           pos + 1, kvd, hd, scale, kv->att + (int64_t)h * kv->max_pos);
     }
-    kern_matmul_ref(kv->xb, kv->ao, L->wo, 1, c->dim, c->dim);
+    LV_TRY(linear(L, LV_LIN_WO, kv->xb, kv->ao, 1, c->dim, c->dim, kv->aq));
     add_inplace(kv->x, kv->xb, c->dim);
 
     kern_rmsnorm_ref(kv->xb, kv->x, L->ffn_norm, 1, c->dim, c->norm_eps);
-    kern_matmul_ref(kv->hb, kv->xb, L->w1, 1, c->dim, c->hidden_dim);
-    kern_matmul_ref(kv->hb2, kv->xb, L->w3, 1, c->dim, c->hidden_dim);
+    LV_TRY(linear(L, LV_LIN_W1, kv->hb, kv->xb, 1, c->dim, c->hidden_dim, kv->aq));
+    LV_TRY(linear(L, LV_LIN_W3, kv->hb2, kv->xb, 1, c->dim, c->hidden_dim, kv->aq));
     kern_swiglu_ref(kv->hb, kv->hb, kv->hb2, c->hidden_dim);
-    kern_matmul_ref(kv->xb, kv->hb, L->w2, 1, c->hidden_dim, c->dim);
+    LV_TRY(linear(L, LV_LIN_W2, kv->xb, kv->hb, 1, c->hidden_dim, c->dim, kv->aq));
     add_inplace(kv->x, kv->xb, c->dim);
+done:
+    return st;
 }
 
 lv_status kern_decode_step(const lv_model *m, kern_kv_cache *kv, int32_t token, int pos,
@@ -339,7 +374,7 @@ lv_status kern_decode_step(const lv_model *m, kern_kv_cache *kv, int32_t token, 
 
     const lv_model_config *c = &m->cfg;
     kern_embed_ref(kv->x, m->tok_emb, &token, 1, c->dim);
-    for (int l = 0; l < c->n_layers; l++) decode_layer(m, kv, l, pos);
+    for (int l = 0; l < c->n_layers; l++) LV_TRY(decode_layer(m, kv, l, pos));
     kern_rmsnorm_ref(kv->xb, kv->x, m->final_norm, 1, c->dim, c->norm_eps);
     kern_matmul_ref(kv->logits, kv->xb, m->wcls, 1, c->dim, c->vocab_size);
     *logits = kv->logits;

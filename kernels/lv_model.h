@@ -28,6 +28,8 @@ typedef struct {
     int tied_cls;    /* 1 when wcls == tok_emb */
 } lv_model_config;
 
+struct lv_aq_layer; /* a quantized linear, lv_quant.h */
+
 typedef struct {
     const float *attn_norm; /* (dim) */
     const float *wq;        /* (dim, dim) */
@@ -38,6 +40,11 @@ typedef struct {
     const float *w1;        /* gate (hidden_dim, dim) */
     const float *w2;        /* down (dim, hidden_dim) */
     const float *w3;        /* up   (hidden_dim, dim) */
+    /* Linears kept quantized, in lv_lin order (wq wk wv wo w1 w2 w3); borrowed. NULL: the
+     * float weight above is used. Non-NULL: the forward (kernels/forward.c) multiplies
+     * straight from the codes (kern_aq_gemm, kern_qmm.h) and the float pointer is NULL.
+     * Models from io_qmodel_view have them; every other loader leaves them NULL. */
+    const struct lv_aq_layer *aq[7];
 } lv_layer;
 
 typedef struct lv_model_storage lv_model_storage; /* private to io/ */

@@ -15,7 +15,7 @@
  * for i*g + a < d_in (when g does not divide d_in the last group is cut; the
  * quantizer pads the input dimension with zero Hessian, see docs/quant-numerics.md).
  * Codes of up to 16 bits; codebooks and scales are float32 in memory and on disk. */
-typedef struct {
+typedef struct lv_aq_layer {
     int64_t d_out, d_in; /* true shape of W (out_features, in_features) */
     int64_t n_groups;    /* ceil(d_in / g) */
     int M;               /* number of codebooks */

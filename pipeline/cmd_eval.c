@@ -49,7 +49,25 @@ done:
     return st;
 }
 
-static void print_eval_json(const char *model, const char *data, const stage_eval_result *r)
+/* The model at path. A quantized one (.h5, HF AQLM directory) runs straight from its
+ * codes (*q holds them; free after the model) unless dequant asks for float weights. */
+static lv_status open_model(const char *path, int dequant, lv_model **m, lv_qmodel **q)
+{
+    lv_status st = LV_OK;
+    *q = NULL;
+    if (dequant)
+        LV_TRY(io_model_open(m, path, IO_MODEL_AUTO));
+    else
+        LV_TRY(io_model_open_quantized(m, q, path));
+    if (*q)
+        lv_log("%s: %dx%dg%d quantized linears, multiplied from their codes (--dequant: "
+               "float weights)", path, (*q)->M, (*q)->nbits, (*q)->g);
+done:
+    return st;
+}
+
+static void print_eval_json(const char *model, const char *data, const stage_eval_result *r,
+                            int from_codes)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "model", model);
@@ -61,6 +79,7 @@ static void print_eval_json(const char *model, const char *data, const stage_eva
     cJSON_AddNumberToObject(o, "ctx", r->ctx);
     cJSON_AddNumberToObject(o, "wall_s", r->wall_s);
     cJSON_AddNumberToObject(o, "tokens_per_s", r->tokens_per_s);
+    cJSON_AddBoolToObject(o, "from_codes", from_codes);
     cJSON_AddNumberToObject(o, "peak_rss_bytes", (double)lv_peak_rss_bytes());
     char *s = cJSON_PrintUnformatted(o);
     if (s) printf("%s\n", s);
@@ -71,7 +90,7 @@ static void print_eval_json(const char *model, const char *data, const stage_eva
 int pipe_cmd_eval(int argc, char **argv)
 {
     const char *model_path = NULL, *tok_path = NULL, *data_path = NULL;
-    int ctx = 0, json = 0, batch = 0, quiet = 0;
+    int ctx = 0, json = 0, batch = 0, quiet = 0, dequant = 0;
     int64_t max_tokens = 0;
     const pipe_opt opts[] = {
         {"model", PIPE_OPT_STR, &model_path, "model: llama2.c .bin or HF directory (required)"},
@@ -83,6 +102,8 @@ int pipe_cmd_eval(int argc, char **argv)
         {"batch", PIPE_OPT_INT, &batch, "windows per forward pass (default: automatic)"},
         {"json", PIPE_OPT_FLAG, &json, "print the result as one JSON object on stdout"},
         {"quiet", PIPE_OPT_FLAG, &quiet, "no progress on stderr"},
+        {"dequant", PIPE_OPT_FLAG, &dequant,
+         "quantized model: dequantize to float weights (default: multiply from the codes)"},
     };
     const int n_opts = (int)(sizeof opts / sizeof opts[0]);
     const char *synopsis = "--model PATH --data PATH [--tokenizer PATH] [--ctx N] [--json]";
@@ -97,11 +118,12 @@ int pipe_cmd_eval(int argc, char **argv)
 
     lv_status st = LV_OK;
     lv_model *m = NULL;
+    lv_qmodel *q = NULL;
     io_tokenizer *tok = NULL;
     int32_t *tokens = NULL;
     int64_t n = 0;
     stage_eval_result res = {0};
-    LV_TRY(io_model_open(&m, model_path, IO_MODEL_AUTO));
+    LV_TRY(open_model(model_path, dequant, &m, &q));
     lv_log("model %s: dim %d, %d layers, %d/%d heads, vocab %d, seq_len %d", model_path,
            m->cfg.dim, m->cfg.n_layers, m->cfg.n_heads, m->cfg.n_kv_heads, m->cfg.vocab_size,
            m->cfg.seq_len);
@@ -119,7 +141,7 @@ int pipe_cmd_eval(int argc, char **argv)
                           .progress = !quiet};
     LV_TRY(stage_eval_ppl(m, tokens, n, &eo, &res));
     if (json)
-        print_eval_json(model_path, data_path, &res);
+        print_eval_json(model_path, data_path, &res, q != NULL);
     else
         printf("ppl %.4f  (nll %.5f nats/token, %lld tokens, ctx %d, %.1f s, %.0f tokens/s)\n",
                res.ppl, res.nll, (long long)res.n_tokens, res.ctx, res.wall_s,
@@ -129,6 +151,7 @@ done:
     free(tokens);
     io_tokenizer_free(tok);
     io_model_free(m);
+    lv_qmodel_free(q);
     return st == LV_OK ? PIPE_EXIT_OK : pipe_report_error("eval");
 }
 
@@ -151,6 +174,7 @@ int pipe_cmd_generate(int argc, char **argv)
     int steps = 256;
     float temperature = 1.0f, top_p = 0.9f;
     int64_t seed = 42;
+    int dequant = 0;
     const pipe_opt opts[] = {
         {"model", PIPE_OPT_STR, &model_path, "model: llama2.c .bin or HF directory (required)"},
         {"tokenizer", PIPE_OPT_STR, &tok_path,
@@ -160,6 +184,8 @@ int pipe_cmd_generate(int argc, char **argv)
         {"temperature", PIPE_OPT_FLOAT, &temperature, "0 = greedy (default 1.0)"},
         {"top-p", PIPE_OPT_FLOAT, &top_p, "nucleus sampling threshold (default 0.9)"},
         {"seed", PIPE_OPT_I64, &seed, "random seed (default 42)"},
+        {"dequant", PIPE_OPT_FLAG, &dequant,
+         "quantized model: dequantize to float weights (default: multiply from the codes)"},
     };
     const int n_opts = (int)(sizeof opts / sizeof opts[0]);
     const char *synopsis = "--model PATH [--prompt TEXT] [--steps N] [--temperature T] "
@@ -178,11 +204,12 @@ int pipe_cmd_generate(int argc, char **argv)
 
     lv_status st = LV_OK;
     lv_model *m = NULL;
+    lv_qmodel *q = NULL;
     io_tokenizer *tok = NULL;
     int32_t *ptoks = NULL, *out = NULL;
     int64_t n_prompt = 0;
     int n_out = 0;
-    LV_TRY(io_model_open(&m, model_path, IO_MODEL_AUTO));
+    LV_TRY(open_model(model_path, dequant, &m, &q));
     LV_TRY(open_tokenizer(model_path, tok_path, m->cfg.vocab_size, &tok));
     LV_TRY(io_tokenizer_encode(tok, prompt, strlen(prompt), 1, 0, &ptoks, &n_prompt));
     if (steps > m->cfg.seq_len) steps = m->cfg.seq_len;
@@ -206,5 +233,6 @@ done:
     free(ptoks);
     io_tokenizer_free(tok);
     io_model_free(m);
+    lv_qmodel_free(q);
     return st == LV_OK ? PIPE_EXIT_OK : pipe_report_error("generate");
 }

@@ -20,6 +20,7 @@ static const command commands[] = {
     {"export", pipe_cmd_export, "write a quantized model for another runtime (HF AQLM directory)"},
     {"convert", pipe_cmd_convert, "convert a model (llama2.c .bin <-> Hugging Face directory)"},
     {"synth", pipe_cmd_synth, "write a model with random weights in real shapes (benchmarks)"},
+    {"bench", pipe_cmd_bench, "time the quantized kernels against fp32 (bench gemv)"},
 };
 
 static void usage(FILE *f)

@@ -55,5 +55,6 @@ int pipe_cmd_quantize(int argc, char **argv);
 int pipe_cmd_inspect(int argc, char **argv);
 int pipe_cmd_plan(int argc, char **argv);
 int pipe_cmd_export(int argc, char **argv);
+int pipe_cmd_bench(int argc, char **argv);
 
 #endif

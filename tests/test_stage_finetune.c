@@ -98,6 +98,7 @@ static void dequant_model(const lv_model_config *c, const lv_qblock *b, float *w
 {
     const float **slot[LV_LIN_COUNT] = {&layer->wq, &layer->wk, &layer->wv, &layer->wo,
                                         &layer->w1, &layer->w2, &layer->w3};
+    *layer = (lv_layer){0}; /* no quantized linears (lv_layer.aq) */
     for (int k = 0; k < LV_LIN_COUNT; k++) {
         assert_int_equal(stage_aqlm_dequant(&b->lin[k], w), LV_OK);
         *slot[k] = w;

@@ -69,7 +69,7 @@ else
 fi
 expect_error "FP model" "not a quantized model" \
   "$LLMVQ_BIN" export --model "$LLMVQ_DEMO_DIR/stories260K.bin" --format hf-aqlm --out "$T/x"
-expect_error "peft-lora" "peft-lora is not implemented" \
+expect_error "peft-lora of a model without adapters" "has no LoRA adapters" \
   "$LLMVQ_BIN" export --model "$T/q/model.h5" --format peft-lora --out "$T/x"
 rc=0; "$LLMVQ_BIN" export --model "$T/q/model.h5" --out "$T/x" 2>/dev/null || rc=$?
 [ "$rc" = 2 ] && ok "missing --format: exit 2" || bad "missing --format: exit $rc"
