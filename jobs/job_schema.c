@@ -60,6 +60,30 @@ static const job_key schema[] = {
     {"finetune", "freeze_norms", JOB_BOOL, "false", NOLIM, NULL,
      "keep the RMSNorm weights of the FP model"},
 
+    /* [pvtune] */
+    {"pvtune", "enable", JOB_BOOL, "false", NOLIM, NULL,
+     "PV-tuning after the blocks: the whole quantized model is fine-tuned against the FP "
+     "model (V steps: Adam on codebooks, scales and norms; P steps: codes re-searched within "
+     "a budget), on the calibration sequences"},
+    {"pvtune", "loss", JOB_ENUM, "kl", NOLIM, "kl|ce",
+     "kl: KL divergence to the FP model's next-token distributions; ce: next-token cross-entropy"},
+    {"pvtune", "lr", JOB_FLOAT, "3e-4", 0, 1, NULL, "V-step Adam learning rate"},
+    {"pvtune", "max_epochs", JOB_INT, "4", 1, 100000, NULL, "passes over the training sequences"},
+    {"pvtune", "batch_seqs", JOB_INT, "16", 1, 1 << 20, NULL, "sequences per V step"},
+    {"pvtune", "micro_batch", JOB_INT, "4", 1, 1 << 20, NULL,
+     "sequences per forward/backward pass (the memory bound)"},
+    {"pvtune", "patience", JOB_INT, "4", 1, 1000, NULL,
+     "held-out evaluations without improvement before stopping"},
+    {"pvtune", "eval_every", JOB_INT, "0", 0, 1 << 20, NULL,
+     "V steps between held-out evaluations (0: once per epoch)"},
+    {"pvtune", "holdout", JOB_FLOAT, "0.1", 0, 0.5, NULL, "fraction of the sequences held out"},
+    {"pvtune", "p_every", JOB_INT, "4", -1, 1 << 20, NULL,
+     "V steps between P steps (0 or -1: no P steps, V steps only)"},
+    {"pvtune", "p_budget", JOB_FLOAT, "1e-3", 0, 1, NULL,
+     "at most this fraction of all code groups changes per P step"},
+    {"pvtune", "p_lr", JOB_FLOAT, "1", 0, 1e6, NULL,
+     "P-step target What - p_lr * dL/dWhat that the codes are re-searched towards"},
+
     /* [apiq] */
     {"apiq", "rank", JOB_INT, "0", 0, 4096, NULL,
      "ApiQ: rank of the LoRA adapters initialised jointly with each linear's quantization so "

@@ -25,6 +25,33 @@
 #include "quantize_impl.h"
 
 
+static lv_status read_pv_job(qjob *q, const job_file *j)
+{
+    lv_status st = LV_OK;
+    const char *loss = NULL;
+    int64_t e, b, m, pat, ev, pe;
+    double lr, ho, pb, plr;
+    LV_TRY(job_get_bool(j, "pvtune.enable", &q->pv_enable));
+    LV_TRY(job_get_str(j, "pvtune.loss", &loss));
+    LV_TRY(job_get_float(j, "pvtune.lr", &lr));
+    LV_TRY(job_get_int(j, "pvtune.max_epochs", &e));
+    LV_TRY(job_get_int(j, "pvtune.batch_seqs", &b));
+    LV_TRY(job_get_int(j, "pvtune.micro_batch", &m));
+    LV_TRY(job_get_int(j, "pvtune.patience", &pat));
+    LV_TRY(job_get_int(j, "pvtune.eval_every", &ev));
+    LV_TRY(job_get_float(j, "pvtune.holdout", &ho));
+    LV_TRY(job_get_int(j, "pvtune.p_every", &pe));
+    LV_TRY(job_get_float(j, "pvtune.p_budget", &pb));
+    LV_TRY(job_get_float(j, "pvtune.p_lr", &plr));
+    q->pv = (stage_pv_config){.loss = strcmp(loss, "ce") ? STAGE_PV_LOSS_KL : STAGE_PV_LOSS_CE,
+                              .lr = (float)lr, .max_epochs = (int)e, .batch_seqs = (int)b,
+                              .micro_batch = (int)m, .patience = (int)pat, .eval_every = (int)ev,
+                              .holdout_frac = ho, .p_every = pe == 0 ? -1 : (int)pe,
+                              .p_budget = pb, .p_lr = (float)plr, .verbose = 1};
+done:
+    return st;
+}
+
 static lv_status read_job(qjob *q, const job_file *j)
 {
     lv_status st = LV_OK;
@@ -50,12 +77,16 @@ static lv_status read_job(qjob *q, const job_file *j)
                 "(the shared codebooks are fitted to every block's Hessian at once, so all "
                 "blocks see the FP model's activations)");
     LV_TRY(pipe_job_stage_configs(j, &q->acfg, &q->ft_enable, &q->ft));
+    LV_TRY(read_pv_job(q, j));
     LV_TRY(job_get_int(j, "apiq.rank", &q->apiq_rank));
     LV_TRY(job_get_int(j, "apiq.iters", &q->apiq_iters));
     if (q->apiq_rank > 0 && (q->share_model || q->ft_enable))
         LV_FAIL(LV_ERR_INVALID_ARG, "apiq.rank = %lld needs quant.share_codebooks = none and "
                 "finetune.enable = false (ApiQ fits adapters per linear; block fine-tuning does "
                 "not train through them yet)", (long long)q->apiq_rank);
+    if (q->pv_enable && q->apiq_rank > 0)
+        LV_FAIL(LV_ERR_INVALID_ARG, "pvtune.enable needs apiq.rank = 0 (PV-tuning does not train "
+                "through ApiQ adapters yet)");
     if (ck[0])
         snprintf(q->ckpt_dir, sizeof q->ckpt_dir, "%s", ck);
     else
@@ -164,7 +195,7 @@ done:
 const char *const pipe_prof_names[PIPE_PROF_N] = {"calibration_s", "aqlm_init_s", "beam_search_s",
                                                    "codebook_update_s", "finetune_s",
                                                    "quantized_forward_s", "checkpoint_io_s",
-                                                   "apiq_s"};
+                                                   "apiq_s", "pvtune_s"};
 
 /* Quantize the seven linears of block `layer` from the Hessians in w->h. */
 static lv_status quantize_linears(qjob *q, int layer, qwork *w, lv_qblock *b)
@@ -335,6 +366,22 @@ static lv_status write_summary(const qjob *q, const lv_qmodel *qm, const char *p
         cJSON_AddNullToObject(o, "ppl_fp");
         cJSON_AddNullToObject(o, "ppl_quant");
     }
+    if (q->pv_enable) {
+        cJSON *pv = cJSON_AddObjectToObject(o, "pvtune");
+        const stage_pv_stats *x = &q->pv_stats;
+        if (q->eval_path[0]) cJSON_AddNumberToObject(pv, "ppl_blockwise", q->ppl_blockwise);
+        cJSON_AddBoolToObject(pv, "resumed", q->pv_resumed);
+        if (!q->pv_resumed) {
+            cJSON_AddNumberToObject(pv, "loss_before", x->loss_before);
+            cJSON_AddNumberToObject(pv, "loss_after", x->loss_after);
+            cJSON_AddNumberToObject(pv, "v_steps", (double)x->v_steps);
+            cJSON_AddNumberToObject(pv, "p_steps", (double)x->p_steps);
+            cJSON_AddNumberToObject(pv, "codes_changed", (double)x->codes_changed);
+            cJSON_AddNumberToObject(pv, "v_s", x->v_s);
+            cJSON_AddNumberToObject(pv, "p_s", x->p_s);
+            cJSON_AddNumberToObject(pv, "wall_s", x->wall_s);
+        }
+    }
     if (q->apiq_rank > 0) {
         int64_t n_lora = 0;
         double lbits = io_qmodel_lora_bits_per_weight(qm, &n_lora);
@@ -455,6 +502,53 @@ done:
     return st;
 }
 
+/* PV-tuning of the assembled block-wise model *qm (rank 0). The block-wise
+ * model is kept as CKPT/blockwise.h5, the result as CKPT/pvtuned.h5; a rerun
+ * whose pvtuned.h5 verifies (checksum, job and model hashes) takes it instead
+ * of tuning again (the tuning is deterministic: the same bytes either way). */
+static lv_status pv_tune(qjob *q, lv_qmodel **qm)
+{
+    lv_status st = LV_OK;
+    char path[4200];
+    lv_qmodel *r = NULL;
+    lv_model *bw = NULL;
+    const double t0 = lv_now();
+    snprintf(path, sizeof path, "%s/blockwise.h5", q->ckpt_dir);
+    LV_TRY(io_qmodel_write(*qm, path));
+    if (q->eval_path[0]) {
+        LV_TRY(io_qmodel_to_fp(*qm, &bw));
+        LV_TRY(eval_model(bw, q, &q->ppl_blockwise));
+        lv_log("block-wise model: ppl %.4f", q->ppl_blockwise);
+    }
+    snprintf(path, sizeof path, "%s/pvtuned.h5", q->ckpt_dir);
+    if (access(path, F_OK) == 0) {
+        if (io_qmodel_read(&r, path) == LV_OK && r->job_hash == q->job_hash &&
+            r->model_hash == q->model_hash && !memcmp(&r->cfg, &(*qm)->cfg, sizeof r->cfg)) {
+            lv_log("PV-tuning resumed from %s", path);
+            lv_qmodel_free(*qm);
+            *qm = r;
+            r = NULL;
+            q->pv_resumed = 1;
+            goto done;
+        }
+        lv_warn("%s: not used, PV-tuning again (not a verified result of this job and model)",
+                path);
+    }
+    stage_pv_config pv = q->pv;
+    pv.seed = (uint64_t)q->seed * 1000003ULL + 77;
+    LV_TRY(stage_pv_tune(q->fp, *qm, q->seqs, q->n_seq, q->T, &pv, &q->pv_stats));
+    lv_log("PV-tuning: held-out loss %.5g -> %.5g, %lld V steps, %lld P steps (%lld code groups "
+           "changed), %.1f s", q->pv_stats.loss_before, q->pv_stats.loss_after,
+           (long long)q->pv_stats.v_steps, (long long)q->pv_stats.p_steps,
+           (long long)q->pv_stats.codes_changed, q->pv_stats.wall_s);
+    LV_TRY(io_qmodel_write(*qm, path));
+done:
+    q->prof[PIPE_PROF_PV] += lv_now() - t0;
+    lv_qmodel_free(r);
+    io_model_free(bw);
+    return st;
+}
+
 /* Rank 0: every block from its verified checkpoint into the final model. */
 static lv_status assemble(qjob *q, double t_start)
 {
@@ -474,6 +568,7 @@ static lv_status assemble(qjob *q, double t_start)
     qm->job_hash = q->job_hash;
     qm->model_hash = q->model_hash;
     qm->shared_codebooks = q->share_model;
+    if (q->pv_enable) LV_TRY(pv_tune(q, &qm));
     snprintf(path, sizeof path, "%s/model.h5", q->out_dir);
     LV_TRY(io_qmodel_write(qm, path));
     lv_log("wrote %s (%.3f bits per weight: codes + codebooks + scales)", path,

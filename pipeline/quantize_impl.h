@@ -18,6 +18,7 @@ enum {
     PIPE_PROF_QFWD,      /* quantized block forward for the block error / propagation */
     PIPE_PROF_IO,        /* checkpoint reads and writes */
     PIPE_PROF_APIQ,      /* ApiQ: AQLM + LoRA fits of every linear (apiq.rank > 0) */
+    PIPE_PROF_PV,        /* PV-tuning of the assembled model (rank 0) */
     PIPE_PROF_N
 };
 extern const char *const pipe_prof_names[PIPE_PROF_N];
@@ -28,6 +29,8 @@ typedef struct {
     int share_model;     /* quant.share_codebooks = model */
     int rank_logs;       /* --rank-logs */
     int64_t apiq_rank, apiq_iters; /* [apiq]: LoRA adapters (rank 0 = none) */
+    int pv_enable;       /* [pvtune] */
+    stage_pv_config pv;
     char ckpt_dir[4096];
     const char *scratch_dir; /* run.scratch_dir: "" = activations in RAM */
     int64_t nsamples, seqlen, seed, eval_ctx, eval_max;
@@ -42,7 +45,9 @@ typedef struct {
     int64_t n_seq;
     int T;
     /* results */
-    double ppl_fp, ppl_quant, ppl_quant_no_lora, wall_s, eval_s;
+    double ppl_fp, ppl_quant, ppl_quant_no_lora, ppl_blockwise, wall_s, eval_s;
+    stage_pv_stats pv_stats;
+    int pv_resumed;
     double prof[PIPE_PROF_N];
     int n_resumed;
 } qjob;

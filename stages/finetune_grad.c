@@ -1,5 +1,7 @@
 /* finetune_grad.c: forward and hand-written backward of one quantized LLaMA
- * block, for block fine-tuning (stages/finetune.c) and later PV-tuning.
+ * block, for block fine-tuning (stages/finetune.c) and PV-tuning
+ * (stages/pvtune.c, which chains the blocks: any upstream gradient dy in, the
+ * gradient w.r.t. the block input and the dequantized weights out).
  *
  * The forward is the op sequence of kern_block_forward (kernels/forward.c) on
  * the dequantized weights, with the activations the backward needs kept in the
@@ -24,6 +26,7 @@ struct stage_ft_ws {
     lv_model_config cfg;
     int B, T;            /* capacity */
     int n_threads;       /* attention scratch is sized for this many OpenMP threads */
+    int saved_B;         /* batch of the last forward whose activations are kept (0: none) */
     int64_t n_params;
     int64_t seg_off[STAGE_FT_N_SEGS], seg_len[STAGE_FT_N_SEGS]; /* flat gradient layout */
     float *arena;        /* every float buffer below points into it */
@@ -296,7 +299,21 @@ lv_status stage_ft_block_forward(stage_ft_ws *ws, const lv_qblock *b, const floa
     if (!y) LV_FAIL(LV_ERR_INVALID_ARG, "fine-tune forward: y is NULL");
     dequant_all(ws, b);
     forward(ws, b, x, B, T);
+    ws->saved_B = B;
     memcpy(y, ws->y, sizeof(float) * (size_t)B * T * ws->cfg.dim);
+done:
+    return st;
+}
+
+lv_status stage_ft_block_forward_save(stage_ft_ws *ws, const lv_qblock *b, const float *x, int B,
+                                      int T, float *y)
+{
+    lv_status st = LV_OK;
+    LV_TRY(check_call(ws, b, x, B, T));
+    dequant_all(ws, b);
+    forward(ws, b, x, B, T);
+    ws->saved_B = B;
+    if (y) memcpy(y, ws->y, sizeof(float) * (size_t)B * T * ws->cfg.dim);
 done:
     return st;
 }
@@ -322,8 +339,10 @@ static void grad_input(float *din, const float *dout, const float *W, int n, int
  *   dC[m, k, a] = sum over (r, i) with codes[r, i, m] == k of scales[r] * dW[r, i*g + a]
  *   ds[r]       = sum_j dW[r, j] * What[r, j] / scales[r] (the unscaled reconstruction).
  * dC is split over (m, a) pairs, each summing the rows in order: no races and
- * the same result for any thread count. acc: (M*K*g) double scratch. */
-static void aq_chain(const lv_aq_layer *L, const float *dW, double *acc, float *dC, float *ds)
+ * the same result for any thread count. acc: (M*K*g) double scratch.
+ * add: 1 adds the float results to dC, ds instead of overwriting them. */
+static void aq_chain(const lv_aq_layer *L, const float *dW, double *acc, float *dC, float *ds,
+                     int add)
 {
     const int64_t K = lin_K(L), ng = L->n_groups, d_in = L->d_in;
     const int M = L->M, g = L->g;
@@ -340,7 +359,7 @@ static void aq_chain(const lv_aq_layer *L, const float *dW, double *acc, float *
                 am[(int64_t)cr[i * M + m] * g + a] += s * wr[i * g + a];
         }
     }
-    for (int64_t j = 0; j < M * K * g; j++) dC[j] = (float)acc[j];
+    for (int64_t j = 0; j < M * K * g; j++) dC[j] = add ? dC[j] + (float)acc[j] : (float)acc[j];
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < L->d_out; r++) {
         const uint16_t *cr = L->codes + r * ng * M;
@@ -354,30 +373,48 @@ static void aq_chain(const lv_aq_layer *L, const float *dW, double *acc, float *
                 sum += (double)wr[i * g + a] * q;
             }
         }
-        ds[r] = (float)sum;
+        ds[r] = add ? ds[r] + (float)sum : (float)sum;
     }
 }
 
+/* Where a backward puts its results (see stage_ft_block_backward). */
+typedef struct {
+    float *grad;              /* flat parameter gradient or NULL */
+    int add;                  /* 1: add to grad / dW, 0: overwrite them */
+    float *const *dW;         /* NULL or (LV_LIN_COUNT) entries (d_out, d_in), each may be NULL */
+} bwd_out;
+
 /* Linear k with input `in` (n, d_in) and output gradient dout (n, d_out):
- * parameter gradients into grad's segments of k. */
+ * parameter gradients into grad's segments of k, dL/dWhat into o->dW[k]. */
 static void linear_param_grad(stage_ft_ws *ws, const lv_qblock *b, int k, const float *dout,
-                              const float *in, int n, float *grad)
+                              const float *in, int n, const bwd_out *o)
 {
     const lv_aq_layer *L = &b->lin[k];
     grad_weight(ws->dW, dout, in, n, (int)L->d_out, (int)L->d_in);
-    aq_chain(L, ws->dW, ws->dC, grad + ws->seg_off[2 * k], grad + ws->seg_off[2 * k + 1]);
+    if (o->dW && o->dW[k]) {
+        float *dst = o->dW[k];
+        const int64_t nw = L->d_out * L->d_in;
+#pragma omp parallel for schedule(static)
+        for (int64_t j = 0; j < nw; j++) dst[j] = o->add ? dst[j] + ws->dW[j] : ws->dW[j];
+    }
+    if (o->grad)
+        aq_chain(L, ws->dW, ws->dC, o->grad + ws->seg_off[2 * k],
+                 o->grad + ws->seg_off[2 * k + 1], o->add);
 }
 
-/* RMSNorm out = w * r * x backward: dw[j] = sum_i dout[i,j] r_i x[i,j];
- * dx (when not NULL) += r w dout - r^3/dim x sum_j(w_j dout_j x_j), row by row. */
+/* RMSNorm out = w * r * x backward: dw[j] (when not NULL) = (add ? dw[j] : 0) +
+ * sum_i dout[i,j] r_i x[i,j]; dx (when not NULL) += r w dout - r^3/dim x
+ * sum_j(w_j dout_j x_j), row by row. */
 static void rmsnorm_bwd(const float *x, const float *r, const float *w, const float *dout,
-                        int64_t n, int dim, float *dw, float *dx)
+                        int64_t n, int dim, float *dw, int add, float *dx)
 {
+    if (dw) {
 #pragma omp parallel for schedule(static)
-    for (int j = 0; j < dim; j++) {
-        double s = 0.0;
-        for (int64_t i = 0; i < n; i++) s += (double)dout[i * dim + j] * r[i] * x[i * dim + j];
-        dw[j] = (float)s;
+        for (int j = 0; j < dim; j++) {
+            double s = 0.0;
+            for (int64_t i = 0; i < n; i++) s += (double)dout[i * dim + j] * r[i] * x[i * dim + j];
+            dw[j] = add ? dw[j] + (float)s : (float)s;
+        }
     }
     if (!dx) return;
 #pragma omp parallel for schedule(static)
@@ -477,19 +514,64 @@ static void attention_bwd(stage_ft_ws *ws, int B, int T)
     }
 }
 
+/* Backward of the block through the activations forward() left in ws, from
+ * the output gradient dy (n, dim); dx (n, dim) (may be NULL) gets dL/dx. */
+static void backward(stage_ft_ws *ws, const lv_qblock *b, const float *x, const float *dy, int B,
+                     int T, const bwd_out *o, float *dx)
+{
+    const lv_model_config *c = &ws->cfg;
+    const int n = B * T, dim = c->dim, hid = c->hidden_dim, kv = lv_cfg_kv_dim(c);
+    const int64_t nd = (int64_t)n * dim, nh = (int64_t)n * hid;
+    float *const *W = ws->W;
+    float *gn = o->grad ? o->grad + ws->seg_off[2 * LV_LIN_COUNT] : NULL; /* attn, ffn norms */
+
+    // y = x1 + w2 hsw
+    linear_param_grad(ws, b, LV_LIN_W2, dy, ws->hsw, n, o);
+    grad_input(ws->du, dy, W[LV_LIN_W2], n, dim, hid, 0.0f); /* d hsw, in du */
+    // hsw = silu(gate) * up
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < nh; i++) {
+        const float gt = ws->gate[i], sg = 1.0f / (1.0f + expf(-gt)), dh = ws->du[i];
+        ws->dg[i] = dh * ws->up[i] * sg * (1.0f + gt * (1.0f - sg));
+        ws->du[i] = dh * gt * sg;
+    }
+    linear_param_grad(ws, b, LV_LIN_W1, ws->dg, ws->xf, n, o);
+    linear_param_grad(ws, b, LV_LIN_W3, ws->du, ws->xf, n, o);
+    grad_input(ws->dxn, ws->dg, W[LV_LIN_W1], n, hid, dim, 0.0f);
+    grad_input(ws->dxn, ws->du, W[LV_LIN_W3], n, hid, dim, 1.0f);
+    // xf = ffn_norm(x1); x1 also reaches y directly
+    memcpy(ws->dx1, dy, sizeof(float) * (size_t)nd);
+    rmsnorm_bwd(ws->x1, ws->r2, b->ffn_norm, ws->dxn, n, dim, gn ? gn + dim : NULL, o->add,
+                ws->dx1);
+
+    // x1 = x + wo ao
+    linear_param_grad(ws, b, LV_LIN_WO, ws->dx1, ws->ao, n, o);
+    grad_input(ws->dao, ws->dx1, W[LV_LIN_WO], n, dim, dim, 0.0f);
+    attention_bwd(ws, B, T);
+    rope_bwd(ws, ws->dq, n, c->n_heads);
+    rope_bwd(ws, ws->dk, n, c->n_kv_heads);
+    linear_param_grad(ws, b, LV_LIN_WQ, ws->dq, ws->xa, n, o);
+    linear_param_grad(ws, b, LV_LIN_WK, ws->dk, ws->xa, n, o);
+    linear_param_grad(ws, b, LV_LIN_WV, ws->dv, ws->xa, n, o);
+    grad_input(ws->dxn, ws->dq, W[LV_LIN_WQ], n, dim, dim, 0.0f);
+    grad_input(ws->dxn, ws->dk, W[LV_LIN_WK], n, kv, dim, 1.0f);
+    grad_input(ws->dxn, ws->dv, W[LV_LIN_WV], n, kv, dim, 1.0f);
+    // xa = attn_norm(x); x also reaches x1 directly
+    if (dx) memcpy(dx, ws->dx1, sizeof(float) * (size_t)nd);
+    rmsnorm_bwd(x, ws->r1, b->attn_norm, ws->dxn, n, dim, gn, o->add, dx);
+}
+
 lv_status stage_ft_block_grad(stage_ft_ws *ws, const lv_qblock *b, const float *x,
                               const float *y_fp, int B, int T, double *loss, float *grad)
 {
     lv_status st = LV_OK;
     LV_TRY(check_call(ws, b, x, B, T));
     if (!y_fp || !loss || !grad) LV_FAIL(LV_ERR_INVALID_ARG, "fine-tune grad: NULL y_fp, loss or grad");
-    const lv_model_config *c = &ws->cfg;
-    const int n = B * T, dim = c->dim, hid = c->hidden_dim, kv = lv_cfg_kv_dim(c);
-    const int64_t nd = (int64_t)n * dim, nh = (int64_t)n * hid;
-    float *const *W = ws->W;
+    const int64_t nd = (int64_t)B * T * ws->cfg.dim;
 
     dequant_all(ws, b);
     forward(ws, b, x, B, T);
+    ws->saved_B = B;
 
     // loss = mean (y - y_fp)^2; dy = 2 (y - y_fp) / (n dim). Serial: fixed sum order.
     double sse = 0.0;
@@ -500,41 +582,25 @@ lv_status stage_ft_block_grad(stage_ft_ws *ws, const lv_qblock *b, const float *
         ws->dy[i] = gscale * d;
     }
     *loss = sse / (double)nd;
+    const bwd_out o = {.grad = grad, .add = 0, .dW = NULL};
+    backward(ws, b, x, ws->dy, B, T, &o, NULL);
+done:
+    return st;
+}
 
-    // y = x1 + w2 hsw
-    linear_param_grad(ws, b, LV_LIN_W2, ws->dy, ws->hsw, n, grad);
-    grad_input(ws->du, ws->dy, W[LV_LIN_W2], n, dim, hid, 0.0f); /* d hsw, in du */
-    // hsw = silu(gate) * up
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < nh; i++) {
-        const float gt = ws->gate[i], sg = 1.0f / (1.0f + expf(-gt)), dh = ws->du[i];
-        ws->dg[i] = dh * ws->up[i] * sg * (1.0f + gt * (1.0f - sg));
-        ws->du[i] = dh * gt * sg;
-    }
-    linear_param_grad(ws, b, LV_LIN_W1, ws->dg, ws->xf, n, grad);
-    linear_param_grad(ws, b, LV_LIN_W3, ws->du, ws->xf, n, grad);
-    grad_input(ws->dxn, ws->dg, W[LV_LIN_W1], n, hid, dim, 0.0f);
-    grad_input(ws->dxn, ws->du, W[LV_LIN_W3], n, hid, dim, 1.0f);
-    // xf = ffn_norm(x1); x1 also reaches y directly
-    memcpy(ws->dx1, ws->dy, sizeof(float) * (size_t)nd);
-    rmsnorm_bwd(ws->x1, ws->r2, b->ffn_norm, ws->dxn, n, dim,
-                grad + ws->seg_off[2 * LV_LIN_COUNT + 1], ws->dx1);
-
-    // x1 = x + wo ao
-    linear_param_grad(ws, b, LV_LIN_WO, ws->dx1, ws->ao, n, grad);
-    grad_input(ws->dao, ws->dx1, W[LV_LIN_WO], n, dim, dim, 0.0f);
-    attention_bwd(ws, B, T);
-    rope_bwd(ws, ws->dq, n, c->n_heads);
-    rope_bwd(ws, ws->dk, n, c->n_kv_heads);
-    linear_param_grad(ws, b, LV_LIN_WQ, ws->dq, ws->xa, n, grad);
-    linear_param_grad(ws, b, LV_LIN_WK, ws->dk, ws->xa, n, grad);
-    linear_param_grad(ws, b, LV_LIN_WV, ws->dv, ws->xa, n, grad);
-    grad_input(ws->dxn, ws->dq, W[LV_LIN_WQ], n, dim, dim, 0.0f);
-    grad_input(ws->dxn, ws->dk, W[LV_LIN_WK], n, kv, dim, 1.0f);
-    grad_input(ws->dxn, ws->dv, W[LV_LIN_WV], n, kv, dim, 1.0f);
-    // xa = attn_norm(x); the input x is not trained
-    rmsnorm_bwd(x, ws->r1, b->attn_norm, ws->dxn, n, dim, grad + ws->seg_off[2 * LV_LIN_COUNT],
-                NULL);
+lv_status stage_ft_block_backward(stage_ft_ws *ws, const lv_qblock *b, const float *x,
+                                  const float *dy, int accumulate, float *grad, float *dx,
+                                  float *const *dW)
+{
+    lv_status st = LV_OK;
+    if (!ws || !ws->saved_B)
+        LV_FAIL(LV_ERR_INVALID_ARG, "fine-tune backward: no saved forward in the workspace");
+    const int B = ws->saved_B, T = ws->T;
+    LV_TRY(check_call(ws, b, x, B, T));
+    if (!dy) LV_FAIL(LV_ERR_INVALID_ARG, "fine-tune backward: dy is NULL");
+    if (dx && dx == x) LV_FAIL(LV_ERR_INVALID_ARG, "fine-tune backward: dx must not alias x");
+    const bwd_out o = {.grad = grad, .add = accumulate ? 1 : 0, .dW = dW};
+    backward(ws, b, x, dy, B, T, &o, dx);
 done:
     return st;
 }

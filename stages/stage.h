@@ -314,7 +314,163 @@ lv_status stage_ft_block_forward(stage_ft_ws *ws, const lv_qblock *b, const floa
  * stage_ft_param_segments order, overwritten) its gradient. */
 lv_status stage_ft_block_grad(stage_ft_ws *ws, const lv_qblock *b, const float *x,
                               const float *y_fp, int B, int T, double *loss, float *grad);
+/* ---------------- block backward with an upstream gradient (PV-tuning) ----------------
+ * The pieces stage_ft_block_grad is made of, for chaining blocks: forward with
+ * the activations kept, then a backward from any dy. Same floats as
+ * stage_ft_block_grad (which is forward_save + backward with dy from the MSE). */
+
+/* As stage_ft_block_forward, and the activations stay in ws for a following
+ * stage_ft_block_backward on the same b and x. y (B, T, dim) may be NULL. */
+lv_status stage_ft_block_forward_save(stage_ft_ws *ws, const lv_qblock *b, const float *x, int B,
+                                      int T, float *y);
+
+/* Backward of the last forward kept in ws (stage_ft_block_forward_save, _forward
+ * or _grad: b and x (B, T, dim) must be the ones it ran on, b unchanged since).
+ * dy (B, T, dim): dL/dy. accumulate 0 overwrites, 1 adds to, grad (flat,
+ * stage_ft_param_segments order; NULL: not formed) and dW[k] (LV_LIN_COUNT
+ * pointers, (d_out, d_in) dL/dWhat of linear k; dW or any entry NULL: not
+ * formed). dx (B, T, dim) = dL/dx, overwritten; NULL: not formed; may equal dy,
+ * not x. Borrowed pointers; synchronous; deterministic like stage_ft_block_grad. */
+lv_status stage_ft_block_backward(stage_ft_ws *ws, const lv_qblock *b, const float *x,
+                                  const float *dy, int accumulate, float *grad, float *dx,
+                                  float *const *dW);
 /* ---------------- end of block fine-tuning ---------------- */
+
+/* ========================================================================
+ * PV-tuning (stages/pvtune.c; docs/finetune.md "PV-tuning"), CPU reference:
+ * the whole quantized model q is fine-tuned against its FP teacher fp
+ * (arXiv 2405.14852). V step: Adam on the continuous parameters (codebooks,
+ * per-row scales, RMSNorm weights of every block and the final norm; the
+ * embeddings and the classifier stay frozen) through the full model. P step:
+ * beam search re-encodes the codes towards W* = What - p_lr * dL/dWhat, and
+ * only the changed groups that lower ||W* - What||_H most are kept, at most
+ * p_budget * (all groups of the model) per step.
+ *
+ * Loss (STAGE_PV_LOSS_KL): mean over all B*T positions of KL(p_fp || p_q), the
+ * next-token distributions of teacher and student; the teacher's logits are
+ * computed in the same call, micro-batch by micro-batch (never stored for the
+ * whole set: (B, T, vocab) floats per micro-batch). STAGE_PV_LOSS_CE: mean
+ * cross-entropy of the next tokens over positions 0..T-2 (no teacher pass).
+ * Gradients are summed over micro-batches in order into float buffers (the
+ * result depends on micro_batch in the last bits, never on threads). Shared codebooks
+ * (q->shared_codebooks: every linear holds an identical copy): the trainable
+ * codebook is one tensor, its gradient is the sum over all copies (block,
+ * then linear order), and every update writes it into every copy.
+ * Host memory, synchronous, not collective; same inputs + seed give
+ * bit-identical results (fixed reduction orders as in block fine-tuning).
+ * ====================================================================== */
+
+typedef enum {
+    STAGE_PV_LOSS_KL = 0, /* mean KL(teacher || student) over all positions */
+    STAGE_PV_LOSS_CE = 1, /* mean next-token cross-entropy over positions 0..T-2 */
+} stage_pv_loss;
+
+/* Zero fields take the default named in brackets. */
+typedef struct {
+    stage_pv_loss loss;   /* [KL] */
+    float lr;             /* V-step Adam learning rate [3e-4] */
+    float beta1, beta2;   /* Adam betas [0.9, 0.95]; eps 1e-8 */
+    int freeze_norms;     /* 1: keep every RMSNorm weight (blocks' and final) */
+    int batch_seqs;       /* sequences per V step (one global batch) [16] */
+    int micro_batch;      /* sequences per forward/backward, the memory bound [4] */
+    int max_epochs;       /* passes over the training sequences [4] */
+    int eval_every;       /* V steps between held-out evaluations; 0: once per epoch */
+    int patience;         /* evaluations without held-out improvement before stopping [4] */
+    double holdout_frac;  /* held out: the last ceil(frac * n_seq) sequences [0.1] */
+    int p_every;          /* V steps between P steps [4]; < 0: no P steps */
+    float p_lr;           /* P-step target W* = What - p_lr * dL/dWhat [1.0] */
+    double p_budget;      /* max fraction of all code groups changed per P step [1e-3];
+                             < 0: none (P steps then only measure) */
+    int p_beam;           /* P-step beam size [8] */
+    const float *const *p_hessians; /* NULL, or (n_layers * LV_LIN_COUNT) borrowed (d_in, d_in)
+                                       float H of linear (l, k) at l * 7 + k (entries may be
+                                       NULL): the P-step metric; NULL = identity */
+    int p_hess_diag;      /* 1: use only the diagonals of p_hessians */
+    int p_check;          /* the P step measures the batch loss after its changes and, while
+                             it rose, keeps only the better half of them, at most p_check
+                             times, then none [4]; < 0: no check (changes as proposed) */
+    uint64_t seed;        /* sequence order per epoch and beam-search orders */
+    int verbose;          /* lv_log per evaluation and P step */
+} stage_pv_config;
+
+/* cfg with zero fields replaced by the defaults above (in may be NULL). */
+stage_pv_config stage_pv_defaults(const stage_pv_config *in);
+
+/* State of PV-tuning one (fp, q) pair: workspaces for micro-batches of up to
+ * micro_batch sequences of exactly T tokens, Adam moments, gradient buffers
+ * (~ one float per quantized weight for dL/dWhat, plus (n_layers + 1) * B*T*dim
+ * activations and 2 * B*T*vocab logits). fp and q are borrowed and must
+ * outlive it; q is changed in place by the steps. fp and q must have the same
+ * shapes; with q->shared_codebooks every copy must be bit-identical. Caller
+ * frees. cfg may be NULL (defaults). */
+typedef struct stage_pv stage_pv;
+lv_status stage_pv_init(stage_pv **pv, const lv_model *fp, lv_qmodel *q, int micro_batch, int T,
+                        const stage_pv_config *cfg);
+void stage_pv_free(stage_pv *pv);
+
+/* The trainable parameters in flat order (pointers into q): per block the
+ * stage_ft_param_segments order, then final_norm; with shared codebooks the
+ * one codebook tensor first (blocks[0].lin[0].codebooks), then per block the 7
+ * scales, attn_norm, ffn_norm, then final_norm. *n_seg (optional) = number of
+ * segments; seg, len (optional) must hold that many. Returns the total length. */
+int64_t stage_pv_param_segments(const stage_pv *pv, int *n_seg, float **seg, int64_t *len);
+
+/* *loss of q on tokens (n_seq, T) (any n_seq >= 1, in micro-batches) and its
+ * gradient grad (stage_pv_param_segments order, overwritten; NULL: loss only). */
+lv_status stage_pv_grad(stage_pv *pv, const int32_t *tokens, int64_t n_seq, double *loss,
+                        float *grad);
+
+/* V step: gradient over the global batch tokens (n_seq, T), then one Adam step
+ * on the trainable parameters. *loss = the loss before the step. A non-finite
+ * loss or gradient leaves q unchanged (*loss tells; status LV_OK). */
+lv_status stage_pv_vstep(stage_pv *pv, const int32_t *tokens, int64_t n_seq, double *loss);
+
+typedef struct {
+    double loss;            /* loss on the batch (at the codes before the step) */
+    double loss_after;      /* the same after the step (NaN: not measured, p_check < 0) */
+    int n_halvings;         /* times the check halved the accepted changes */
+    int64_t n_groups;       /* code groups (row, input group) of all quantized linears */
+    int64_t budget;         /* floor(p_budget * n_groups) */
+    int64_t n_proposed;     /* groups the beam searches changed with a positive gain */
+    int64_t n_changed;      /* groups changed in q (<= budget) */
+    int64_t n_reverted_rows;/* rows put back because the kept groups interacted badly (full H) */
+    double obj_before, obj_after; /* sum over linears of tr((W* - What) H (W* - What)^T) */
+    double wall_s;
+} stage_pv_pstats;
+
+/* P step on the batch tokens (n_seq, T): dL/dWhat of every linear (summed over
+ * micro-batches), targets W*, beam search (cfg p_beam, p_hessians) on a copy of
+ * each linear's codes, then the changed groups with the largest gains
+ * 2 d^T (H e) - d^T H_ii d (e = W* - What, d = the group's change; ties: lower
+ * block, linear, row, group first) are written into q, at most the budget;
+ * with a full H a row whose kept groups together raise its objective is put
+ * back. Never raises obj. With p_check the batch loss is then measured (one
+ * more forward) and the kept changes halved, best first, while it rose: the
+ * step never raises the batch loss. ps may be NULL. */
+lv_status stage_pv_pstep(stage_pv *pv, const int32_t *tokens, int64_t n_seq,
+                         stage_pv_pstats *ps);
+
+typedef struct {
+    double loss_before, loss_after; /* held-out loss of the input and of the kept model */
+    double train_loss;     /* mean V-step loss over the last epoch */
+    int epochs, evals;
+    int64_t v_steps, p_steps, best_step; /* best_step: V steps behind the kept model (0: input) */
+    int64_t codes_changed; /* groups changed by all P steps (also those later discarded) */
+    int64_t n_train, n_holdout;
+    int diverged;          /* a non-finite loss stopped training */
+    double v_s, p_s, eval_s, wall_s; /* time in V steps, P steps, held-out evaluations, all */
+} stage_pv_stats;
+
+/* PV-tuning driver: epochs over tokens (n_seq, T) in a seeded order, one V step
+ * per batch_seqs sequences and a P step (on the same batch) after every p_every
+ * V steps; the last ceil(holdout_frac * n_seq) sequences are held out (n_seq 1:
+ * the one sequence serves both) and evaluated before training and every
+ * eval_every V steps. q keeps the parameters and codes of the best evaluation:
+ * never worse on the held-out loss than it came in (bit-identical when nothing
+ * improved, also on error). cfg may be NULL, stats may be NULL. */
+lv_status stage_pv_tune(const lv_model *fp, lv_qmodel *q, const int32_t *tokens, int64_t n_seq,
+                        int T, const stage_pv_config *cfg, stage_pv_stats *stats);
+/* ---------------- end of PV-tuning ---------------- */
 
 /* ========================================================================
  * AQLM with codebooks shared by a set of layers (stages/aqlm_shared.c).
