@@ -40,6 +40,10 @@ lv_status io_qmodel_view(const lv_qmodel *q, lv_model **out)
     *out = NULL;
     LV_TRY(io_config_check(&q->cfg, "quantized model"));
     LV_TRY(check_blocks(q));
+    for (int l = 0; l < q->cfg.n_layers; l++)
+        if (q->blocks[l].lora_rank > 0)
+            LV_FAIL(LV_ERR_UNSUPPORTED, "io_qmodel_view: block %d has LoRA adapters, which the "
+                    "code path does not apply: use io_qmodel_to_fp", l);
     LV_TRY(io_model_alloc(&m, &q->cfg));
     m->tok_emb = q->tok_emb;
     m->final_norm = q->final_norm;
@@ -73,7 +77,15 @@ lv_status io_model_open_quantized(lv_model **out, lv_qmodel **q, const char *pat
     } else if (H5Eset_auto2(H5E_DEFAULT, NULL, NULL) >= 0 && H5Fis_hdf5(path) > 0) {
         LV_TRY(io_qmodel_read(q, path));
     }
-    if (*q)
+    int lora = 0;
+    for (int l = 0; *q && l < (*q)->cfg.n_layers; l++) lora |= (*q)->blocks[l].lora_rank > 0;
+    if (*q && lora) {
+        /* ApiQ adapters: What + B A as float weights (the code path has no adapters) */
+        lv_log("%s: has LoRA adapters: run dequantized with the adapters added", path);
+        LV_TRY(io_qmodel_to_fp(*q, out));
+        lv_qmodel_free(*q);
+        *q = NULL;
+    } else if (*q)
         LV_TRY(io_qmodel_view(*q, out));
     else
         LV_TRY(io_model_open(out, path, IO_MODEL_AUTO));
