@@ -13,7 +13,7 @@
  *   eval_tokens [60000] ctx [512]: perplexity of the dequantized model on the first tokens;
  *   hess [0]: 1 = FP calibration Hessians of every linear as the P-step metric, 2 = their
  *     diagonals; loss [kl|ce]; lr beta1 beta2 freeze_norms batch micro epochs eval_every
- *     patience holdout p_every p_lr p_budget p_beam seed: stage_pv_config fields;
+ *     patience holdout p_every p_lr p_budget p_beam p_check seed: stage_pv_config fields;
  *   out [none]: write the tuned model there (io_qmodel_write).
  * Data: LLMVQ_DEMO_DIR (default jobs/demo) holds stories260K.bin, tok512.bin and
  * tinystories_val_subset.txt. */
@@ -84,6 +84,7 @@ int main(int argc, char **argv)
         .p_every = (int)argd(argc, argv, "p_every", 0),
         .p_lr = (float)argd(argc, argv, "p_lr", 0), .p_budget = argd(argc, argv, "p_budget", 0),
         .p_beam = (int)argd(argc, argv, "p_beam", 0), .p_hess_diag = hess == 2,
+        .p_check = (int)argd(argc, argv, "p_check", 0),
         .seed = (uint64_t)argd(argc, argv, "seed", 0), .verbose = 1};
     char path[4096];
     lv_model *fp = NULL;
@@ -123,13 +124,16 @@ int main(int argc, char **argv)
     double ppl_fp = 0, ppl0 = 0, ppl1 = 0;
     if (bench_eval_ppl(fp, toks, n_tok, ctx, eval_tokens, &ppl_fp) != LV_OK) return fail("eval fp");
     if (qppl(q, toks, n_tok, ctx, eval_tokens, &ppl0) != LV_OK) return fail("eval before");
-    const stage_pv_config d = stage_pv_defaults(&c);
+    stage_pv_config d = stage_pv_defaults(&c);
+    d.p_every = d.p_every > 0 ? d.p_every : 0;
     printf("stories260K %s: %.3f bits/weight%s; %lld %s x %d tokens from token %lld; loss %s, "
-           "lr %g, batch %d (micro %d), epochs %d, P every %d (p_lr %g, budget %g, beam %d, H %s)\n",
+           "lr %g, batch %d (micro %d), epochs %d, P every %d (0: none; p_lr %g, budget %g, "
+           "beam %d, H %s, check %d)\n",
            argv[1], lv_qmodel_bits_per_weight(q), q->shared_codebooks ? " (shared codebooks)" : "",
            (long long)n_seq, chunks ? "windows" : "crops", T, (long long)calib_from, d.loss == STAGE_PV_LOSS_CE ? "CE" : "KL",
            (double)d.lr, d.batch_seqs, d.micro_batch, d.max_epochs, d.p_every, (double)d.p_lr,
-           d.p_budget, d.p_beam, hess == 1 ? "calibration" : hess == 2 ? "diag" : "identity");
+           d.p_budget, d.p_beam, hess == 1 ? "calibration" : hess == 2 ? "diag" : "identity",
+           d.p_check);
     printf("ppl (first %lld tokens, ctx %d): FP %.4f, before %.4f\n", (long long)eval_tokens, ctx,
            ppl_fp, ppl0);
     fflush(stdout);

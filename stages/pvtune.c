@@ -72,7 +72,7 @@ stage_pv_config stage_pv_defaults(const stage_pv_config *in)
 {
     stage_pv_config c = {0};
     if (in) c = *in;
-    if (c.lr == 0.0f) c.lr = 3e-4f;
+    if (c.lr == 0.0f) c.lr = 1e-3f;
     if (c.beta1 == 0.0f) c.beta1 = 0.9f;
     if (c.beta2 == 0.0f) c.beta2 = 0.95f;
     if (c.batch_seqs == 0) c.batch_seqs = 16;
@@ -80,7 +80,6 @@ stage_pv_config stage_pv_defaults(const stage_pv_config *in)
     if (c.max_epochs == 0) c.max_epochs = 4;
     if (c.patience == 0) c.patience = 4;
     if (c.holdout_frac == 0.0) c.holdout_frac = 0.1;
-    if (c.p_every == 0) c.p_every = 4;
     if (c.p_lr == 0.0f) c.p_lr = 1.0f;
     if (c.p_budget == 0.0) c.p_budget = 1e-3;
     if (c.p_beam == 0) c.p_beam = 8;
@@ -123,7 +122,10 @@ static lv_status pv_check_models(const lv_model *fp, const lv_qmodel *q)
         LV_FAIL(LV_ERR_INVALID_ARG, "pv-tune: quantized model without embeddings, final norm, "
                 "blocks or classifier");
     const lv_aq_layer *L0 = &q->blocks[0].lin[0];
-    for (int l = 0; l < b->n_layers; l++)
+    for (int l = 0; l < b->n_layers; l++) {
+        if (q->blocks[l].lora_rank)
+            LV_FAIL(LV_ERR_UNSUPPORTED, "pv-tune: block %d has rank-%d LoRA adapters (ApiQ); "
+                    "PV-tuning trains What only", l, q->blocks[l].lora_rank);
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *L = &q->blocks[l].lin[k];
             int64_t o, i;
@@ -144,6 +146,7 @@ static lv_status pv_check_models(const lv_model *fp, const lv_qmodel *q)
                 LV_FAIL(LV_ERR_INVALID_ARG, "pv-tune: shared codebooks, but block %d %s holds a "
                         "different codebook tensor than block 0 wq", l, lv_lin_name((lv_lin)k));
         }
+    }
 done:
     return st;
 }

@@ -368,7 +368,7 @@ typedef enum {
 /* Zero fields take the default named in brackets. */
 typedef struct {
     stage_pv_loss loss;   /* [KL] */
-    float lr;             /* V-step Adam learning rate [3e-4] */
+    float lr;             /* V-step Adam learning rate [1e-3] */
     float beta1, beta2;   /* Adam betas [0.9, 0.95]; eps 1e-8 */
     int freeze_norms;     /* 1: keep every RMSNorm weight (blocks' and final) */
     int batch_seqs;       /* sequences per V step (one global batch) [16] */
@@ -377,7 +377,8 @@ typedef struct {
     int eval_every;       /* V steps between held-out evaluations; 0: once per epoch */
     int patience;         /* evaluations without held-out improvement before stopping [4] */
     double holdout_frac;  /* held out: the last ceil(frac * n_seq) sequences [0.1] */
-    int p_every;          /* V steps between P steps [4]; < 0: no P steps */
+    int p_every;          /* V steps between P steps; <= 0: no P steps [0: none; on
+                             stories260K they did not beat V steps alone, docs/finetune.md] */
     float p_lr;           /* P-step target W* = What - p_lr * dL/dWhat [1.0] */
     double p_budget;      /* max fraction of all code groups changed per P step [1e-3];
                              < 0: none (P steps then only measure) */
@@ -401,8 +402,9 @@ stage_pv_config stage_pv_defaults(const stage_pv_config *in);
  * (~ one float per quantized weight for dL/dWhat, plus (n_layers + 1) * B*T*dim
  * activations and 2 * B*T*vocab logits). fp and q are borrowed and must
  * outlive it; q is changed in place by the steps. fp and q must have the same
- * shapes; with q->shared_codebooks every copy must be bit-identical. Caller
- * frees. cfg may be NULL (defaults). */
+ * shapes; with q->shared_codebooks every copy must be bit-identical; blocks
+ * with LoRA adapters are refused (LV_ERR_UNSUPPORTED). Caller frees. cfg may be
+ * NULL (defaults). */
 typedef struct stage_pv stage_pv;
 lv_status stage_pv_init(stage_pv **pv, const lv_model *fp, lv_qmodel *q, int micro_batch, int T,
                         const stage_pv_config *cfg);

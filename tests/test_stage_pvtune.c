@@ -778,6 +778,10 @@ static void test_errors(void **state)
     q->blocks[1].lin[LV_LIN_WK].codes[7] = 64;
     assert_int_equal(stage_pv_init(&pv, F.fp, q, 1, T, NULL), LV_ERR_INVALID_ARG);
     q->blocks[1].lin[LV_LIN_WK].codes[7] = c0;
+    /* LoRA adapters (ApiQ): PV-tuning trains What only */
+    assert_int_equal(lv_qblock_lora_init(&q->blocks[2], 2), LV_OK);
+    assert_int_equal(stage_pv_init(&pv, F.fp, q, 1, T, NULL), LV_ERR_UNSUPPORTED);
+    lv_qblock_lora_free(&q->blocks[2]);
     /* tokens outside the vocabulary */
     assert_int_equal(stage_pv_init(&pv, F.fp, q, 1, T, NULL), LV_OK);
     int32_t bad_tok[8] = {1, 2, 3, 4, 5, 6, 7, 512};
