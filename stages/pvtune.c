@@ -447,24 +447,86 @@ done:
     return st;
 }
 
+/* Sum of one micro-batch's per-row losses and, with grad/dW, its gradients
+ * (computed into zeroed buffers g (n_full) and w (n_w) that pv_micro adds into). */
+static lv_status pv_micro_into(stage_pv *pv, const int32_t *tok, int B, double inv_n, int grad,
+                               int dW, float *g, float *w, double *loss)
+{
+    lv_status st = LV_OK;
+    float *gf = pv->gfull, *dw = pv->dW;
+    if (grad) memset(g, 0, sizeof(float) * (size_t)pv->n_full);
+    if (dW) memset(w, 0, sizeof(float) * (size_t)pv->n_w);
+    pv->gfull = g;
+    pv->dW = w;
+    *loss = 0.0;
+    st = pv_micro(pv, tok, B, inv_n, grad, dW, loss);
+    pv->gfull = gf;
+    pv->dW = dw;
+    return st;
+}
+
+/* Add one micro-batch's result (an item buffer: loss, then gradient, then dW). */
+static void pv_add_item(stage_pv *pv, const unsigned char *item, int grad, int dW, double *sum)
+{
+    double l;
+    memcpy(&l, item, sizeof l);
+    *sum += l;
+    const float *g = (const float *)(item + sizeof(double));
+    if (grad)
+        for (int64_t i = 0; i < pv->n_full; i++) pv->gfull[i] += g[i];
+    if (dW) {
+        const float *w = g + (grad ? pv->n_full : 0);
+        for (int64_t i = 0; i < pv->n_w; i++) pv->dW[i] += w[i];
+    }
+}
+
 /* Loss over tokens (n_seq, T) in micro-batches; gradients (grad: gfull, dW:
- * the dW buffers) zeroed first, then summed micro-batch by micro-batch. */
+ * the dW buffers) zeroed first. Every micro-batch's loss and gradients are
+ * computed on their own and added in micro-batch order, so the sums are the
+ * same whichever rank computed each micro-batch (cfg.dist: item m = micro-batch
+ * m of this pass; each rank computes the ones it owns, then every item is
+ * shared from its owner and added in order on every rank). */
 static lv_status pv_pass(stage_pv *pv, const int32_t *tokens, int64_t n_seq, int grad, int dW,
                          double *loss)
 {
     lv_status st = LV_OK;
+    unsigned char *items = NULL;
     LV_TRY(pv_check_tokens(pv, tokens, n_seq));
-    const int64_t n_pos = n_seq * pv_positions(pv);
+    const int64_t n_pos = n_seq * pv_positions(pv), n_mb = (n_seq + pv->mb - 1) / pv->mb;
     const double inv_n = 1.0 / (double)n_pos;
+    const stage_dist *d = pv->cfg.dist && pv->cfg.dist->owns ? pv->cfg.dist : NULL;
+    /* one item: the micro-batch's loss (double), gradient (n_full), dW (n_w) */
+    const size_t ib = sizeof(double) + sizeof(float) * (size_t)((grad ? pv->n_full : 0) +
+                                                                (dW ? pv->n_w : 0));
+    int64_t n_own = 0;
+    for (int64_t m = 0; m < n_mb; m++) n_own += !d || d->owns(d->user, (int)m);
+    /* local: one item buffer reused; distributed: one per owned micro-batch + one to receive */
+    const int64_t n_buf = d ? n_own + 1 : 1;
+    LV_ALLOC(items, (size_t)n_buf * ib);
     double sum = 0.0;
     if (grad) memset(pv->gfull, 0, sizeof(float) * (size_t)pv->n_full);
     if (dW) memset(pv->dW, 0, sizeof(float) * (size_t)pv->n_w);
-    for (int64_t s0 = 0; s0 < n_seq; s0 += pv->mb) {
+    for (int64_t m = 0, j = 0; m < n_mb; m++) {
+        if (d && !d->owns(d->user, (int)m)) continue;
+        unsigned char *it = items + (size_t)(d ? j++ : 0) * ib;
+        float *g = (float *)(it + sizeof(double));
+        double l = 0.0;
+        const int64_t s0 = m * pv->mb;
         const int B = (int)(n_seq - s0 < pv->mb ? n_seq - s0 : pv->mb);
-        LV_TRY(pv_micro(pv, tokens + s0 * pv->T, B, inv_n, grad, dW, &sum));
+        LV_TRY(pv_micro_into(pv, tokens + s0 * pv->T, B, inv_n, grad, dW, g,
+                             g + (grad ? pv->n_full : 0), &l));
+        memcpy(it, &l, sizeof l);
+        if (!d) pv_add_item(pv, it, grad, dW, &sum);
+    }
+    for (int64_t m = 0, j = 0; d && m < n_mb; m++) {
+        unsigned char *it = d->owns(d->user, (int)m) ? items + (size_t)j++ * ib
+                                                     : items + (size_t)n_own * ib;
+        LV_TRY(d->share(d->user, (int)m, it, ib));
+        pv_add_item(pv, it, grad, dW, &sum);
     }
     *loss = sum / (double)n_pos;
 done:
+    free(items);
     return st;
 }
 
@@ -767,29 +829,47 @@ static void pv_codes_copy(stage_pv *pv, uint16_t *codes, int restore)
         }
 }
 
-/* Beam search of every linear towards its target; proposals into heap. */
-static lv_status pv_search(stage_pv *pv, pv_heap *heap, stage_pv_pstats *ps)
+/* Beam search of every linear towards its target; proposals into heap.
+ * cfg.dist: item = linear index l * 7 + k; each rank searches the linears it
+ * owns, the new codes are shared from their owners and every rank proposes
+ * from all linears in order (the same heap everywhere). cnew: n_codes. */
+static lv_status pv_search(stage_pv *pv, pv_heap *heap, uint16_t *cnew, stage_pv_pstats *ps)
 {
     lv_status st = LV_OK;
     lv_rng sr;
     lv_rng_seed(&sr, pv->cfg.seed ^ 0x9e3779b97f4a7c15ULL * (uint64_t)pv->p_count);
     const uint64_t seed0 = lv_rng_u64(&sr);
-    for (int l = 0; l < pv->L; l++)
-        for (int k = 0; k < LV_LIN_COUNT; k++) {
-            const int64_t lin = (int64_t)l * LV_LIN_COUNT + k;
-            const lv_aq_layer *L = &pv->q->blocks[l].lin[k];
-            const float *H = NULL;
-            int mode = 0;
-            pv_metric(pv, l, k, L->d_in, &H, &mode);
-            pv_target(pv, L, pv->dW + pv->dW_off[lin]);
-            ps->obj_before += pv_objective(pv, pv->Wold, H, mode, L->d_out, L->d_in, pv->rowobj);
-            memcpy(pv->ccopy, L->codes, sizeof(uint16_t) * (size_t)(L->d_out * L->n_groups * L->M));
-            lv_aq_layer Lc = *L; /* the same codebooks and scales, codes on the copy */
-            Lc.codes = pv->ccopy;
-            LV_TRY(stage_aqlm_beam_search(pv->Wt, H, &Lc, pv->cfg.p_beam, seed0 + (uint64_t)lin,
-                                          NULL));
-            pv_propose(pv, L, lin, pv->ccopy, H, heap, &ps->n_proposed);
-        }
+    const stage_dist *d = pv->cfg.dist && pv->cfg.dist->owns ? pv->cfg.dist : NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        uint16_t *nc = cnew;
+        for (int l = 0; l < pv->L; l++)
+            for (int k = 0; k < LV_LIN_COUNT; k++) {
+                const int64_t lin = (int64_t)l * LV_LIN_COUNT + k;
+                const lv_aq_layer *L = &pv->q->blocks[l].lin[k];
+                const int64_t nb = L->d_out * L->n_groups * L->M;
+                const float *H = NULL;
+                int mode = 0;
+                if (pass == 0 && d && !d->owns(d->user, (int)lin)) {
+                    nc += nb;
+                    continue;
+                }
+                pv_metric(pv, l, k, L->d_in, &H, &mode);
+                pv_target(pv, L, pv->dW + pv->dW_off[lin]);
+                if (pass == 0) {
+                    memcpy(nc, L->codes, sizeof(uint16_t) * (size_t)nb);
+                    lv_aq_layer Lc = *L; /* the same codebooks and scales, codes on the copy */
+                    Lc.codes = nc;
+                    LV_TRY(stage_aqlm_beam_search(pv->Wt, H, &Lc, pv->cfg.p_beam,
+                                                  seed0 + (uint64_t)lin, NULL));
+                } else {
+                    if (d) LV_TRY(d->share(d->user, (int)lin, nc, sizeof(uint16_t) * (size_t)nb));
+                    ps->obj_before +=
+                        pv_objective(pv, pv->Wold, H, mode, L->d_out, L->d_in, pv->rowobj);
+                    pv_propose(pv, L, lin, nc, H, heap, &ps->n_proposed);
+                }
+                nc += nb;
+            }
+    }
 done:
     return st;
 }
@@ -801,6 +881,7 @@ lv_status stage_pv_pstep(stage_pv *pv, const int32_t *tokens, int64_t n_seq,
     stage_pv_pstats ps = {.loss_after = NAN};
     pv_heap heap = {0};
     pv_cand *pos = NULL;
+    uint16_t *cnew = NULL;
     int restore = 0; /* pv->csnap holds the codes from before the step */
     const double t0 = lv_now();
     if (!pv) LV_FAIL(LV_ERR_INVALID_ARG, "stage_pv_pstep: state is NULL");
@@ -818,7 +899,8 @@ lv_status stage_pv_pstep(stage_pv *pv, const int32_t *tokens, int64_t n_seq,
     LV_ALLOC(heap.codes, (size_t)heap.cap * (size_t)mmax);
     LV_ALLOC(pos, heap.cap);
     pv->p_count++;
-    LV_TRY(pv_search(pv, &heap, &ps));
+    LV_ALLOC(cnew, pv->n_codes);
+    LV_TRY(pv_search(pv, &heap, cnew, &ps));
     qsort(heap.c, (size_t)heap.n, sizeof heap.c[0], pv_cand_rank_cmp);
     pv_codes_copy(pv, pv->csnap, 0);
     restore = 1;
@@ -840,6 +922,7 @@ done:
     free(heap.c);
     free(heap.codes);
     free(pos);
+    free(cnew);
     ps.wall_s = lv_now() - t0;
     if (ps_out) *ps_out = ps;
     return st;

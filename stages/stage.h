@@ -351,13 +351,15 @@ lv_status stage_ft_block_backward(stage_ft_ws *ws, const lv_qblock *b, const flo
  * computed in the same call, micro-batch by micro-batch (never stored for the
  * whole set: (B, T, vocab) floats per micro-batch). STAGE_PV_LOSS_CE: mean
  * cross-entropy of the next tokens over positions 0..T-2 (no teacher pass).
- * Gradients are summed over micro-batches in order into float buffers (the
- * result depends on micro_batch in the last bits, never on threads). Shared codebooks
+ * Each micro-batch's gradient is computed on its own and the micro-batches are
+ * added in order into float buffers (the result depends on micro_batch in the
+ * last bits, never on threads or ranks). Shared codebooks
  * (q->shared_codebooks: every linear holds an identical copy): the trainable
  * codebook is one tensor, its gradient is the sum over all copies (block,
  * then linear order), and every update writes it into every copy.
- * Host memory, synchronous, not collective; same inputs + seed give
- * bit-identical results (fixed reduction orders as in block fine-tuning).
+ * Host memory, synchronous; collective only with cfg.dist (data-parallel over
+ * ranks, below); same inputs + seed give bit-identical results for any number
+ * of ranks (fixed reduction orders as in block fine-tuning).
  * ====================================================================== */
 
 typedef enum {
@@ -392,6 +394,15 @@ typedef struct {
                              times, then none [4]; < 0: no check (changes as proposed) */
     uint64_t seed;        /* sequence order per epoch and beam-search orders */
     int verbose;          /* lv_log per evaluation and P step */
+    const stage_dist *dist; /* NULL: all local. Data-parallel over ranks (every call
+                             then collective, the same arguments on every rank):
+                             item m = micro-batch m of each forward/backward pass
+                             (its owner computes its loss, gradient and dL/dWhat,
+                             shared and added in micro-batch order on every rank),
+                             item l * 7 + k = linear (l, k) in the P step's beam
+                             searches (new codes shared from the owner). Sums run
+                             in the same order as on one rank: parameters and codes
+                             are bit-identical for any number of ranks. */
 } stage_pv_config;
 
 /* cfg with zero fields replaced by the defaults above (in may be NULL). */

@@ -23,6 +23,8 @@
 #include "io.h"
 #include "kern.h"
 #include "stage.h"
+#define PVT_CHECK(x) assert_true(x)
+#include "pv_testlib.h"
 
 /* Gradient check tolerance, per parameter class, on max|a - f| / max|f|:
  * f are central differences of the double reference loss with steps h = 1e-3
@@ -46,105 +48,6 @@ typedef struct {
 
 static fixture F;
 
-static const char *demo_path(char *buf, size_t cap, const char *file)
-{
-    const char *dir = getenv("LLMVQ_DEMO_DIR");
-    snprintf(buf, cap, "%s/%s", dir && dir[0] ? dir : "jobs/demo", file);
-    return buf;
-}
-
-/* q's linears quantized from fp with an identity Hessian; shared: one
- * codebook for all of them (stage_aqlm_run_shared). */
-static void quantize(const lv_model *fp, lv_qmodel **out, int M, int nbits, int g, int shared)
-{
-    const lv_model_config *c = &fp->cfg;
-    const int n = c->n_layers * LV_LIN_COUNT;
-    const int64_t dmax = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
-    float *I = calloc((size_t)(dmax * dmax), sizeof(float));
-    assert_non_null(I);
-    for (int64_t j = 0; j < dmax; j++) I[j * dmax + j] = 1.0f;
-    float *Id = calloc((size_t)(c->dim * c->dim), sizeof(float));
-    assert_non_null(Id);
-    for (int64_t j = 0; j < c->dim; j++) Id[j * c->dim + j] = 1.0f;
-    lv_qmodel *q = NULL;
-    assert_int_equal(lv_qmodel_init(&q, fp, M, nbits, g), LV_OK);
-    stage_aqlm_config acfg = {.n_codebooks = M, .nbits = nbits, .group_size = g, .beam_size = 2,
-                              .max_iters = 1, .adam_steps = 20, .kmeans_iters = 4};
-    const float *W[64], *H[64];
-    int64_t d_out[64], d_in[64];
-    lv_aq_layer lin[64];
-    assert_true(n <= 64);
-    memset(lin, 0, sizeof lin);
-    for (int l = 0; l < c->n_layers; l++)
-        for (int k = 0; k < LV_LIN_COUNT; k++) {
-            const int i = l * LV_LIN_COUNT + k;
-            lv_lin_shape(c, (lv_lin)k, &d_out[i], &d_in[i]);
-            W[i] = lv_layer_weight(&fp->layers[l], (lv_lin)k);
-            H[i] = d_in[i] == c->dim ? Id : I;
-            if (!shared) {
-                acfg.seed = (uint64_t)i;
-                assert_int_equal(stage_aqlm_run(W[i], H[i], d_out[i], d_in[i], &acfg, &lin[i], NULL),
-                                 LV_OK);
-            }
-        }
-    if (shared)
-        assert_int_equal(stage_aqlm_run_shared(n, W, H, d_out, d_in, &acfg, lin, NULL), LV_OK);
-    for (int i = 0; i < n; i++) {
-        lv_aq_layer *dst = &q->blocks[i / LV_LIN_COUNT].lin[i % LV_LIN_COUNT];
-        lv_aq_layer_free(dst);
-        *dst = lin[i];
-    }
-    q->shared_codebooks = shared;
-    free(I);
-    free(Id);
-    *out = q;
-}
-
-/* A deep copy of q (codes, codebooks, scales, norms). */
-static lv_qmodel *qcopy(const lv_model *fp, const lv_qmodel *q)
-{
-    const lv_aq_layer *L0 = &q->blocks[0].lin[0];
-    lv_qmodel *d = NULL;
-    assert_int_equal(lv_qmodel_init(&d, fp, L0->M, L0->nbits, L0->g), LV_OK);
-    const int dim = q->cfg.dim;
-    for (int l = 0; l < q->cfg.n_layers; l++) {
-        for (int k = 0; k < LV_LIN_COUNT; k++) {
-            const lv_aq_layer *s = &q->blocks[l].lin[k];
-            lv_aq_layer *t = &d->blocks[l].lin[k];
-            memcpy(t->codes, s->codes, sizeof(uint16_t) * (size_t)(s->d_out * s->n_groups * s->M));
-            memcpy(t->codebooks, s->codebooks,
-                   sizeof(float) * (size_t)(s->M * ((int64_t)1 << s->nbits) * s->g));
-            memcpy(t->scales, s->scales, sizeof(float) * (size_t)s->d_out);
-        }
-        memcpy(d->blocks[l].attn_norm, q->blocks[l].attn_norm, sizeof(float) * (size_t)dim);
-        memcpy(d->blocks[l].ffn_norm, q->blocks[l].ffn_norm, sizeof(float) * (size_t)dim);
-    }
-    memcpy(d->final_norm, q->final_norm, sizeof(float) * (size_t)dim);
-    d->shared_codebooks = q->shared_codebooks;
-    return d;
-}
-
-/* 1 when a and b hold the same bits in everything PV-tuning may change. */
-static int qsame(const lv_qmodel *a, const lv_qmodel *b)
-{
-    const size_t dim = (size_t)a->cfg.dim;
-    if (memcmp(a->final_norm, b->final_norm, sizeof(float) * dim)) return 0;
-    for (int l = 0; l < a->cfg.n_layers; l++) {
-        if (memcmp(a->blocks[l].attn_norm, b->blocks[l].attn_norm, sizeof(float) * dim) ||
-            memcmp(a->blocks[l].ffn_norm, b->blocks[l].ffn_norm, sizeof(float) * dim))
-            return 0;
-        for (int k = 0; k < LV_LIN_COUNT; k++) {
-            const lv_aq_layer *s = &a->blocks[l].lin[k], *t = &b->blocks[l].lin[k];
-            if (memcmp(t->codes, s->codes, sizeof(uint16_t) * (size_t)(s->d_out * s->n_groups * s->M)) ||
-                memcmp(t->codebooks, s->codebooks,
-                       sizeof(float) * (size_t)(s->M * ((int64_t)1 << s->nbits) * s->g)) ||
-                memcmp(t->scales, s->scales, sizeof(float) * (size_t)s->d_out))
-                return 0;
-        }
-    }
-    return 1;
-}
-
 /* Groups (row, input group) whose codes differ between a and b. */
 static int64_t groups_changed(const lv_qmodel *a, const lv_qmodel *b)
 {
@@ -156,17 +59,6 @@ static int64_t groups_changed(const lv_qmodel *a, const lv_qmodel *b)
                 n += memcmp(s->codes + j * s->M, t->codes + j * s->M, sizeof(uint16_t) * (size_t)s->M) != 0;
         }
     return n;
-}
-
-/* Every codebook copy of a shared model equals block 0 wq's. */
-static int shared_identical(const lv_qmodel *q)
-{
-    const lv_aq_layer *L0 = &q->blocks[0].lin[0];
-    const size_t nb = sizeof(float) * (size_t)(L0->M * ((int64_t)1 << L0->nbits) * L0->g);
-    for (int l = 0; l < q->cfg.n_layers; l++)
-        for (int k = 0; k < LV_LIN_COUNT; k++)
-            if (memcmp(q->blocks[l].lin[k].codebooks, L0->codebooks, nb)) return 0;
-    return 1;
 }
 
 static int setup(void **state)
