@@ -1020,6 +1020,52 @@ done:
     return st;
 }
 
+/* Fill st from the run (q holds the current parameters and codes). */
+static void pv_state_of(const pv_run *r, const int64_t *perm, const lv_rng *rng, int64_t ep,
+                        int64_t next, int64_t steps, double loss_sum, int stop,
+                        stage_pv_state *st)
+{
+    *st = (stage_pv_state){.n_param = r->pv->n_param, .n_codes = r->pv->n_codes,
+                           .n_train = r->sx.n_train, .m = r->pv->m, .v = r->pv->v,
+                           .best_param = r->bp, .best_codes = r->bc, .perm = perm,
+                           .adam_t = r->pv->adam_t, .p_count = r->pv->p_count, .epoch = ep,
+                           .next = next, .epoch_steps = steps, .epoch_loss = loss_sum,
+                           .best = r->best, .worse = r->worse, .stop = stop, .stats = r->sx};
+    memcpy(st->rng, rng->s, sizeof st->rng);
+}
+
+static lv_status pv_restore(pv_run *r, const stage_pv_state *s, int64_t *perm, lv_rng *rng)
+{
+    lv_status st = LV_OK;
+    stage_pv *pv = r->pv;
+    if (s->n_param != pv->n_param || s->n_codes != pv->n_codes || s->n_train != r->sx.n_train ||
+        !s->m || !s->v || !s->best_param || !s->best_codes || !s->perm || s->epoch < 1 ||
+        s->next < 0 || s->next > s->n_train || s->adam_t < 0 || s->p_count < 0)
+        LV_FAIL(LV_ERR_INVALID_ARG, "pv-tune: the state to resume from does not fit (%lld "
+                "parameters, %lld codes, %lld training sequences; this run has %lld, %lld, %lld)",
+                (long long)s->n_param, (long long)s->n_codes, (long long)s->n_train,
+                (long long)pv->n_param, (long long)pv->n_codes, (long long)r->sx.n_train);
+    for (int64_t i = 0; i < s->n_train; i++)
+        if (s->perm[i] < 0 || s->perm[i] >= s->n_train)
+            LV_FAIL(LV_ERR_INVALID_ARG, "pv-tune: the state's sequence order is corrupt");
+    memcpy(pv->m, s->m, sizeof(float) * (size_t)pv->n_param);
+    memcpy(pv->v, s->v, sizeof(float) * (size_t)pv->n_param);
+    memcpy(r->bp, s->best_param, sizeof(float) * (size_t)pv->n_param);
+    memcpy(r->bc, s->best_codes, sizeof(uint16_t) * (size_t)pv->n_codes);
+    memcpy(perm, s->perm, sizeof(int64_t) * (size_t)s->n_train);
+    memcpy(rng->s, s->rng, sizeof s->rng);
+    pv->adam_t = s->adam_t;
+    pv->p_count = s->p_count;
+    r->best = s->best;
+    r->worse = (int)s->worse;
+    const int64_t n_train = r->sx.n_train, n_holdout = r->sx.n_holdout;
+    r->sx = s->stats;
+    r->sx.n_train = n_train;
+    r->sx.n_holdout = n_holdout;
+done:
+    return st;
+}
+
 lv_status stage_pv_tune(const lv_model *fp, lv_qmodel *q, const int32_t *tokens, int64_t n_seq,
                         int T, const stage_pv_config *cfg, stage_pv_stats *stats)
 {
@@ -1042,6 +1088,7 @@ lv_status stage_pv_tune(const lv_model *fp, lv_qmodel *q, const int32_t *tokens,
     r.n_val = r.sx.n_holdout ? r.sx.n_holdout : n_seq;
     const int bmax = (int)(n_train < r.c.batch_seqs ? n_train : r.c.batch_seqs);
     LV_TRY(stage_pv_init(&r.pv, fp, q, r.c.micro_batch < bmax ? r.c.micro_batch : bmax, T, &r.c));
+    r.sx.n_train = n_train;
     LV_ALLOC(r.bp, r.pv->n_param);
     LV_ALLOC(r.bc, r.pv->n_codes);
     LV_ALLOC(tb, (size_t)bmax * (size_t)T);
@@ -1050,34 +1097,69 @@ lv_status stage_pv_tune(const lv_model *fp, lv_qmodel *q, const int32_t *tokens,
     lv_rng rng;
     lv_rng_seed(&rng, r.c.seed ^ 0x9f7e7a11b10cULL);
 
-    double t = lv_now();
-    LV_TRY(stage_pv_grad(r.pv, r.val, r.n_val, &r.sx.loss_before, NULL));
-    r.sx.eval_s += lv_now() - t;
-    if (!isfinite(r.sx.loss_before))
-        LV_FAIL(LV_ERR_NUMERIC, "pv-tune: the input model's held-out loss is %g", r.sx.loss_before);
-    r.best = r.sx.loss_before;
-    pv_snapshot(r.pv, r.bp, r.bc, 0);
-    have_best = 1;
-    if (r.c.verbose)
+    const stage_pv_state *rs = r.c.resume;
+    int stop = 0;
+    int64_t ep0 = 1, next0 = 0, steps = 0;
+    double loss_sum = 0.0;
+    if (rs) {
+        LV_TRY(pv_restore(&r, rs, perm, &rng));
+        have_best = 1;
+        ep0 = rs->epoch, next0 = rs->next, steps = rs->epoch_steps, loss_sum = rs->epoch_loss;
+        stop = rs->stop != 0;
+        if (stop) { /* the end-of-epoch bookkeeping the run did after that step */
+            r.sx.epochs = (int)ep0;
+            r.sx.train_loss = steps ? loss_sum / (double)steps : NAN;
+        }
+        if (r.c.verbose)
+            lv_log("pv-tune: resumed at epoch %lld, %lld V / %lld P steps, best held-out loss "
+                   "%.6g", (long long)ep0, (long long)r.sx.v_steps, (long long)r.sx.p_steps,
+                   r.best);
+    } else {
+        double t = lv_now();
+        LV_TRY(stage_pv_grad(r.pv, r.val, r.n_val, &r.sx.loss_before, NULL));
+        r.sx.eval_s += lv_now() - t;
+        if (!isfinite(r.sx.loss_before))
+            LV_FAIL(LV_ERR_NUMERIC, "pv-tune: the input model's held-out loss is %g",
+                    r.sx.loss_before);
+        r.best = r.sx.loss_before;
+        pv_snapshot(r.pv, r.bp, r.bc, 0);
+        have_best = 1;
+    }
+    if (r.c.verbose && !rs)
         lv_log("pv-tune: %lld parameters, %lld code groups (P budget %lld), %lld train / %lld "
                "held-out seqs of %d, held-out loss %.6g", (long long)r.pv->n_param,
                (long long)r.pv->n_groups, (long long)r.pv->budget, (long long)n_train,
                (long long)r.sx.n_holdout, T, r.sx.loss_before);
 
-    int stop = 0;
-    for (int ep = 1; ep <= r.c.max_epochs && !stop; ep++) {
-        double loss_sum = 0.0;
-        int64_t steps = 0;
-        stage_ft_shuffle(perm, n_train, &rng);
-        for (int64_t s0 = 0; s0 < n_train && !stop; s0 += bmax) {
+    for (int64_t ep = ep0; ep <= r.c.max_epochs && !stop; ep++) {
+        int64_t s0 = 0;
+        if (rs && ep == ep0) {
+            s0 = next0; /* the order of this epoch came with the state */
+        } else {
+            loss_sum = 0.0, steps = 0;
+            stage_ft_shuffle(perm, n_train, &rng);
+        }
+        for (; s0 < n_train && !stop;) {
             const int B = (int)(n_train - s0 < bmax ? n_train - s0 : bmax);
             for (int j = 0; j < B; j++)
                 memcpy(tb + (int64_t)j * T, tokens + perm[s0 + j] * T, sizeof(int32_t) * (size_t)T);
             double loss = 0.0;
             LV_TRY(pv_train_step(&r, tb, B, &loss, &stop));
             if (isfinite(loss)) loss_sum += loss, steps++;
+            s0 += B;
+            const int halt = r.c.stop && r.c.stop(r.c.ckpt_user);
+            if (r.c.ckpt && ((r.c.ckpt_every > 0 && r.sx.v_steps % r.c.ckpt_every == 0) || halt)) {
+                stage_pv_state cs;
+                pv_state_of(&r, perm, &rng, ep, s0, steps, loss_sum, stop, &cs);
+                LV_TRY(r.c.ckpt(r.c.ckpt_user, &cs));
+            }
+            if (halt) {
+                have_best = 0; /* q stays at the checkpointed state */
+                LV_FAIL(LV_ERR_STOPPED, "pv-tune: stopped by request after %lld V steps%s",
+                        (long long)r.sx.v_steps, r.c.ckpt ? " (checkpointed)" : "");
+            }
         }
-        r.sx.epochs = ep;
+        r.sx.epochs = (int)ep;
         r.sx.train_loss = steps ? loss_sum / (double)steps : NAN;
         if (r.c.eval_every == 0 && !r.sx.diverged) {
             LV_TRY(pv_eval_keep(&r));

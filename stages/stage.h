@@ -367,6 +367,8 @@ typedef enum {
     STAGE_PV_LOSS_CE = 1, /* mean next-token cross-entropy over positions 0..T-2 */
 } stage_pv_loss;
 
+typedef struct stage_pv_state stage_pv_state; /* below */
+
 /* Zero fields take the default named in brackets. */
 typedef struct {
     stage_pv_loss loss;   /* [KL] */
@@ -403,6 +405,18 @@ typedef struct {
                              searches (new codes shared from the owner). Sums run
                              in the same order as on one rank: parameters and codes
                              are bit-identical for any number of ranks. */
+    /* Checkpoints (stage_pv_tune only): every ckpt_every V steps (0: never) and
+     * when stop() says so, ckpt(ckpt_user, state) is called with the driver's
+     * whole state (q itself holds the current parameters and codes); after a
+     * stop the driver returns LV_ERR_STOPPED with q at its current state (not
+     * the best snapshot: q + the state resume the run). resume: continue from
+     * such a state (q must hold the checkpointed parameters and codes): the
+     * result is bit-identical to a run straight through. */
+    int ckpt_every;
+    lv_status (*ckpt)(void *ckpt_user, const stage_pv_state *state);
+    void *ckpt_user;
+    int (*stop)(void *ckpt_user); /* polled after every V step; NULL: never */
+    const stage_pv_state *resume;
 } stage_pv_config;
 
 /* cfg with zero fields replaced by the defaults above (in may be NULL). */
@@ -473,6 +487,26 @@ typedef struct {
     int diverged;          /* a non-finite loss stopped training */
     double v_s, p_s, eval_s, wall_s; /* time in V steps, P steps, held-out evaluations, all */
 } stage_pv_stats;
+
+/* Everything stage_pv_tune needs, besides q and its inputs, to continue a run
+ * exactly: Adam moments, the best snapshot, this epoch's order and position,
+ * the RNG, counters and statistics. Arrays are borrowed (the driver's own
+ * buffers in a ckpt callback; the caller's for resume). */
+struct stage_pv_state {
+    int64_t n_param, n_codes, n_train;
+    const float *m, *v;          /* (n_param) Adam moments */
+    const float *best_param;     /* (n_param) parameters of the best evaluation */
+    const uint16_t *best_codes;  /* (n_codes) and its codes (linear order) */
+    const int64_t *perm;         /* (n_train) this epoch's sequence order */
+    uint64_t rng[4];             /* lv_rng after this epoch's shuffle */
+    int64_t adam_t, p_count;     /* Adam step count, P steps taken (seeds) */
+    int64_t epoch, next;         /* epoch in progress (1-based), next batch starts at perm[next] */
+    int64_t epoch_steps;         /* V steps with a finite loss in this epoch */
+    double epoch_loss;           /* and the sum of their losses */
+    double best;                 /* held-out loss of the best snapshot */
+    int64_t worse, stop;         /* evaluations without improvement; 1: training has ended */
+    stage_pv_stats stats;        /* so far */
+};
 
 /* PV-tuning driver: epochs over tokens (n_seq, T) in a seeded order, one V step
  * per batch_seqs sequences and a P step (on the same batch) after every p_every

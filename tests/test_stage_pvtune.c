@@ -618,6 +618,128 @@ static void test_tune_deterministic(void **state)
     }
 }
 
+/* A deep copy of a checkpointed state (the driver's buffers are borrowed). */
+typedef struct {
+    stage_pv_state st;
+    float *m, *v, *bp;
+    uint16_t *bc;
+    int64_t *perm;
+    lv_qmodel *q;      /* the model at that state */
+    const lv_model *fp;
+    lv_qmodel *live;   /* the model being tuned */
+    int64_t at_step;   /* copy the state after this many V steps */
+    int64_t stop_at;   /* stop() says yes after this many V steps (0: never) */
+    int calls, polls;
+} ckpt_copy;
+
+static lv_status ck_save(void *user, const stage_pv_state *s)
+{
+    ckpt_copy *c = user;
+    c->calls++;
+    if (s->stats.v_steps != c->at_step) return LV_OK;
+    c->st = *s;
+    c->m = malloc(sizeof(float) * (size_t)s->n_param);
+    c->v = malloc(sizeof(float) * (size_t)s->n_param);
+    c->bp = malloc(sizeof(float) * (size_t)s->n_param);
+    c->bc = malloc(sizeof(uint16_t) * (size_t)s->n_codes);
+    c->perm = malloc(sizeof(int64_t) * (size_t)s->n_train);
+    assert_true(c->m && c->v && c->bp && c->bc && c->perm);
+    memcpy(c->m, s->m, sizeof(float) * (size_t)s->n_param);
+    memcpy(c->v, s->v, sizeof(float) * (size_t)s->n_param);
+    memcpy(c->bp, s->best_param, sizeof(float) * (size_t)s->n_param);
+    memcpy(c->bc, s->best_codes, sizeof(uint16_t) * (size_t)s->n_codes);
+    memcpy(c->perm, s->perm, sizeof(int64_t) * (size_t)s->n_train);
+    c->st.m = c->m, c->st.v = c->v, c->st.best_param = c->bp, c->st.best_codes = c->bc;
+    c->st.perm = c->perm;
+    c->q = qcopy(c->fp, c->live);
+    return LV_OK;
+}
+
+static int ck_stop(void *user)
+{
+    ckpt_copy *c = user;
+    return c->stop_at > 0 && ++c->polls >= c->stop_at;
+}
+
+static void ck_free(ckpt_copy *c)
+{
+    free(c->m);
+    free(c->v);
+    free(c->bp);
+    free(c->bc);
+    free(c->perm);
+    lv_qmodel_free(c->q);
+}
+
+/* Checkpoint after V step k (mid-epoch, at an epoch end, through a stop
+ * request) and resume: bit-identical to the run straight through. */
+static void test_resume(void **state)
+{
+    (void)state;
+    const int n_seq = 12, T = 32;
+    const int32_t *tok = F.toks + 10000;
+    stage_pv_config cfg = {.lr = 1e-3f, .batch_seqs = 3, .micro_batch = 2, .max_epochs = 3,
+                           .eval_every = 0, .holdout_frac = 0.25, .p_every = 2,
+                           .p_lr = 0.2f, .p_budget = 1e-3, .p_beam = 2, .p_check = -1,
+                           .seed = 11};
+    for (int sh = 0; sh < 2; sh++) {
+        const lv_qmodel *q0 = sh ? F.qs : F.qa;
+        lv_qmodel *a = qcopy(F.fp, q0);
+        stage_pv_stats sa;
+        assert_int_equal(stage_pv_tune(F.fp, a, tok, n_seq, T, &cfg, &sa), LV_OK);
+        assert_true(sa.v_steps == 9 && sa.best_step > 0);
+        /* 3 V steps per epoch: after step 2 (mid-epoch), 3 (epoch end), 4 via stop() */
+        const int64_t at[3] = {2, 3, 4};
+        for (int i = 0; i < 3; i++) {
+            lv_qmodel *b = qcopy(F.fp, q0);
+            ckpt_copy ck = {.fp = F.fp, .live = b, .at_step = at[i], .stop_at = i == 2 ? 4 : 0};
+            stage_pv_config c1 = cfg;
+            c1.ckpt = ck_save;
+            c1.ckpt_user = &ck;
+            c1.ckpt_every = i == 2 ? 0 : 1;
+            c1.stop = ck_stop;
+            stage_pv_stats sb, sc;
+            const lv_status st1 = stage_pv_tune(F.fp, b, tok, n_seq, T, &c1, &sb);
+            if (i == 2) {
+                assert_int_equal(st1, LV_ERR_STOPPED);
+                assert_int_equal(ck.calls, 1);
+                assert_true(qsame(b, ck.q)); /* q left at the checkpointed state */
+            } else {
+                assert_int_equal(st1, LV_OK);
+                assert_true(qsame(a, b)); /* checkpoints do not change the run */
+                assert_int_equal(ck.calls, 9);
+            }
+            assert_non_null(ck.q);
+            stage_pv_config c2 = cfg;
+            c2.resume = &ck.st;
+            assert_int_equal(stage_pv_tune(F.fp, ck.q, tok, n_seq, T, &c2, &sc), LV_OK);
+            assert_true(qsame(a, ck.q));
+            assert_memory_equal(&sa.loss_after, &sc.loss_after, sizeof(double));
+            assert_memory_equal(&sa.train_loss, &sc.train_loss, sizeof(double));
+            assert_int_equal(sa.v_steps, sc.v_steps);
+            assert_int_equal(sa.p_steps, sc.p_steps);
+            assert_int_equal(sa.best_step, sc.best_step);
+            assert_int_equal(sa.codes_changed, sc.codes_changed);
+            assert_int_equal(sa.epochs, sc.epochs);
+            /* a state that does not fit this run */
+            stage_pv_state bad = ck.st;
+            bad.n_train = 5;
+            c2.resume = &bad;
+            lv_qmodel *d = qcopy(F.fp, q0);
+            assert_int_equal(stage_pv_tune(F.fp, d, tok, n_seq, T, &c2, NULL), LV_ERR_INVALID_ARG);
+            assert_true(qsame(d, q0)); /* untouched */
+            lv_qmodel_free(d);
+            ck_free(&ck);
+            lv_qmodel_free(b);
+        }
+        printf("  %s: checkpoint after V step 2, 3 (epoch end), 4 (stop request) and resume: "
+               "bit-identical (held-out KL %.6f -> %.6f, %lld P steps, %lld groups changed)\n",
+               sh ? "shared" : "per-linear", sa.loss_before, sa.loss_after, (long long)sa.p_steps,
+               (long long)sa.codes_changed);
+        lv_qmodel_free(a);
+    }
+}
+
 /* A rate that only makes things worse: the model comes back as it was. */
 static void test_never_worse(void **state)
 {
@@ -693,7 +815,8 @@ int main(void)
         cmocka_unit_test(test_forward_matches), cmocka_unit_test(test_grad_kl),
         cmocka_unit_test(test_grad_ce),         cmocka_unit_test(test_grad_shared),
         cmocka_unit_test(test_vstep),           cmocka_unit_test(test_pstep),
-        cmocka_unit_test(test_tune_deterministic), cmocka_unit_test(test_never_worse),
+        cmocka_unit_test(test_tune_deterministic), cmocka_unit_test(test_resume),
+        cmocka_unit_test(test_never_worse),
         cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
