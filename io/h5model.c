@@ -552,7 +552,81 @@ done:
     return st;
 }
 
+static uint64_t fnv(uint64_t h, const void *p, size_t n);
+
+static size_t arr_elem_bytes(io_arr_type t)
+{
+    return t == IO_ARR_U16 ? 2 : t == IO_ARR_F32 ? 4 : 8;
+}
+
+static void arr_h5_types(io_arr_type t, hid_t *mem, hid_t *file, H5T_class_t *cls)
+{
+    switch (t) {
+    case IO_ARR_F32: *mem = H5T_NATIVE_FLOAT, *file = H5T_IEEE_F32LE, *cls = H5T_FLOAT; break;
+    case IO_ARR_F64: *mem = H5T_NATIVE_DOUBLE, *file = H5T_IEEE_F64LE, *cls = H5T_FLOAT; break;
+    case IO_ARR_I64: *mem = H5T_NATIVE_INT64, *file = H5T_STD_I64LE, *cls = H5T_INTEGER; break;
+    case IO_ARR_U64: *mem = H5T_NATIVE_UINT64, *file = H5T_STD_U64LE, *cls = H5T_INTEGER; break;
+    default: *mem = H5T_NATIVE_UINT16, *file = H5T_STD_U16LE, *cls = H5T_INTEGER; break;
+    }
+}
+
+static uint64_t arr_checksum(const io_array *arr, int n_arr)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (int i = 0; i < n_arr; i++)
+        h = fnv(h, arr[i].data, (size_t)arr[i].n * arr_elem_bytes(arr[i].type));
+    return h;
+}
+
+static lv_status write_extra(hid_t f, const char *group, const io_array *arr, int n_arr,
+                             const char *path)
+{
+    lv_status st = LV_OK;
+    hid_t g = -1;
+    H5CHK(g = group_create(f, group), "%s: group %s", path, group);
+    for (int i = 0; i < n_arr; i++) {
+        hid_t mem, file;
+        H5T_class_t cls;
+        arr_h5_types(arr[i].type, &mem, &file, &cls);
+        LV_TRY(dset_write(g, arr[i].name, mem, file, 1, &arr[i].n, arr[i].data, path));
+    }
+    LV_TRY(attr_u64(g, "checksum", arr_checksum(arr, n_arr), path));
+done:
+    if (g >= 0) H5Gclose(g);
+    return st;
+}
+
+static lv_status read_extra(hid_t f, const char *group, io_array *arr, int n_arr,
+                            const char *path)
+{
+    lv_status st = LV_OK;
+    hid_t g = -1;
+    uint64_t sum = 0;
+    if (H5Lexists(f, group, H5P_DEFAULT) <= 0)
+        LV_FAIL(LV_ERR_FORMAT, "%s: group %s missing", path, group);
+    H5CHK(g = H5Gopen2(f, group, H5P_DEFAULT), "%s: cannot open group %s", path, group);
+    for (int i = 0; i < n_arr; i++) {
+        hid_t mem, file;
+        H5T_class_t cls;
+        arr_h5_types(arr[i].type, &mem, &file, &cls);
+        LV_TRY(dset_read(g, arr[i].name, mem, cls, 1, &arr[i].n, arr[i].data, path, group));
+    }
+    LV_TRY(attr_read(g, "checksum", H5T_NATIVE_UINT64, &sum, path));
+    if (sum != arr_checksum(arr, n_arr))
+        LV_FAIL(LV_ERR_FORMAT, "%s: checksum mismatch in group %s: the file is corrupt", path,
+                group);
+done:
+    if (g >= 0) H5Gclose(g);
+    return st;
+}
+
 lv_status io_qmodel_write(const lv_qmodel *q, const char *path)
+{
+    return io_qmodel_write_extra(q, path, NULL, NULL, 0);
+}
+
+lv_status io_qmodel_write_extra(const lv_qmodel *q, const char *path, const char *group,
+                                const io_array *arr, int n_arr)
 {
     lv_status st = LV_OK;
     hid_t f = -1, blocks = -1;
@@ -586,6 +660,7 @@ lv_status io_qmodel_write(const lv_qmodel *q, const char *path)
     }
     H5Gclose(blocks);
     blocks = -1;
+    if (group) LV_TRY(write_extra(f, group, arr, n_arr, path));
     H5CHK(H5Fflush(f, H5F_SCOPE_GLOBAL), "%s: flush failed", tmp);
     H5CHK(H5Fclose(f), "%s: close failed", tmp);
     f = -1;
@@ -598,6 +673,12 @@ done:
 }
 
 lv_status io_qmodel_read(lv_qmodel **out, const char *path)
+{
+    return io_qmodel_read_extra(out, path, NULL, NULL, 0);
+}
+
+lv_status io_qmodel_read_extra(lv_qmodel **out, const char *path, const char *group,
+                               io_array *arr, int n_arr)
 {
     lv_status st = LV_OK;
     hid_t f = -1, blocks = -1;
@@ -652,6 +733,7 @@ lv_status io_qmodel_read(lv_qmodel **out, const char *path)
         if (sum != qmodel_checksum(q))
             LV_FAIL(LV_ERR_FORMAT, "%s: checksum mismatch: the model's data is corrupt", path);
     }
+    if (group) LV_TRY(read_extra(f, group, arr, n_arr, path));
     *out = q;
     q = NULL;
 done:

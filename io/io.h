@@ -65,6 +65,26 @@ lv_status io_qmodel_write(const lv_qmodel *q, const char *path);
  * finite floats). Caller frees with lv_qmodel_free. */
 lv_status io_qmodel_read(lv_qmodel **out, const char *path);
 
+/* Arrays stored beside a quantized model in one file (e.g. the PV-tuning
+ * checkpoint CKPT/pv_state.h5: the model at that step + the optimiser state).
+ * n elements of the type at data (write: read from; read: written to, and the
+ * file must hold exactly n). */
+typedef enum { IO_ARR_F32 = 0, IO_ARR_F64, IO_ARR_I64, IO_ARR_U64, IO_ARR_U16 } io_arr_type;
+typedef struct {
+    const char *name;
+    io_arr_type type;
+    int64_t n;
+    void *data;
+} io_array;
+/* io_qmodel_write plus group `group` holding the arrays and a checksum of
+ * their bytes (one atomic file). */
+lv_status io_qmodel_write_extra(const lv_qmodel *q, const char *path, const char *group,
+                                const io_array *arr, int n_arr);
+/* io_qmodel_read plus the arrays of `group` (shapes, types and checksum
+ * verified: a missing, resized or corrupt array is LV_ERR_FORMAT naming it). */
+lv_status io_qmodel_read_extra(lv_qmodel **out, const char *path, const char *group,
+                               io_array *arr, int n_arr);
+
 /* An FP model whose linears are the dequantized ones (owned arena), so that
  * every FP path (eval, generate, convert) runs a quantized model. LoRA
  * adapters of the blocks, when present, are added (What + B A); see

@@ -81,6 +81,10 @@ static const job_key schema[] = {
      "V steps between P steps (0 or -1: no P steps, V steps only)"},
     {"pvtune", "p_budget", JOB_FLOAT, "1e-3", 0, 1, NULL,
      "at most this fraction of all code groups changes per P step"},
+    {"pvtune", "checkpoint_every", JOB_INT, "20", 0, 1 << 20, NULL,
+     "V steps between checkpoints of the whole PV-tuning state (CKPT/pv_state.h5: model, "
+     "Adam moments, best snapshot, data order; a rerun continues from it bit-identically); "
+     "0: only on a stop signal"},
     {"pvtune", "p_lr", JOB_FLOAT, "1", 0, 1e6, NULL,
      "P-step target What - p_lr * dL/dWhat that the codes are re-searched towards"},
 

@@ -29,7 +29,7 @@ static lv_status read_pv_job(qjob *q, const job_file *j)
 {
     lv_status st = LV_OK;
     const char *loss = NULL;
-    int64_t e, b, m, pat, ev, pe;
+    int64_t e, b, m, pat, ev, pe, ce;
     double lr, ho, pb, plr;
     LV_TRY(job_get_bool(j, "pvtune.enable", &q->pv_enable));
     LV_TRY(job_get_str(j, "pvtune.loss", &loss));
@@ -43,11 +43,13 @@ static lv_status read_pv_job(qjob *q, const job_file *j)
     LV_TRY(job_get_int(j, "pvtune.p_every", &pe));
     LV_TRY(job_get_float(j, "pvtune.p_budget", &pb));
     LV_TRY(job_get_float(j, "pvtune.p_lr", &plr));
+    LV_TRY(job_get_int(j, "pvtune.checkpoint_every", &ce));
     q->pv = (stage_pv_config){.loss = strcmp(loss, "ce") ? STAGE_PV_LOSS_KL : STAGE_PV_LOSS_CE,
                               .lr = (float)lr, .max_epochs = (int)e, .batch_seqs = (int)b,
                               .micro_batch = (int)m, .patience = (int)pat, .eval_every = (int)ev,
                               .holdout_frac = ho, .p_every = pe == 0 ? -1 : (int)pe,
-                              .p_budget = pb, .p_lr = (float)plr, .verbose = 1};
+                              .p_budget = pb, .p_lr = (float)plr, .ckpt_every = (int)ce,
+                              .verbose = 1};
 done:
     return st;
 }
@@ -130,7 +132,7 @@ static uint64_t model_hash(const lv_model *m)
     return h;
 }
 
-static lv_status eval_model(const lv_model *m, const qjob *q, double *ppl)
+lv_status pipe_eval_model(const lv_model *m, const qjob *q, double *ppl)
 {
     lv_status st = LV_OK;
     int32_t *toks = NULL;
@@ -371,6 +373,8 @@ static lv_status write_summary(const qjob *q, const lv_qmodel *qm, const char *p
         const stage_pv_stats *x = &q->pv_stats;
         if (q->eval_path[0]) cJSON_AddNumberToObject(pv, "ppl_blockwise", q->ppl_blockwise);
         cJSON_AddBoolToObject(pv, "resumed", q->pv_resumed);
+        cJSON_AddNumberToObject(pv, "ranks", q->n_ranks);
+        cJSON_AddNumberToObject(pv, "resumed_after_v_steps", (double)q->pv_resumed_from);
         if (!q->pv_resumed) {
             cJSON_AddNumberToObject(pv, "loss_before", x->loss_before);
             cJSON_AddNumberToObject(pv, "loss_after", x->loss_after);
@@ -380,6 +384,11 @@ static lv_status write_summary(const qjob *q, const lv_qmodel *qm, const char *p
             cJSON_AddNumberToObject(pv, "v_s", x->v_s);
             cJSON_AddNumberToObject(pv, "p_s", x->p_s);
             cJSON_AddNumberToObject(pv, "wall_s", x->wall_s);
+            cJSON_AddNumberToObject(pv, "eval_s", x->eval_s);
+            cJSON_AddNumberToObject(pv, "best_step", (double)x->best_step);
+            cJSON_AddNumberToObject(pv, "epochs", x->epochs);
+            if (x->v_steps > 0) cJSON_AddNumberToObject(pv, "s_per_v_step", x->v_s / (double)x->v_steps);
+            if (x->p_steps > 0) cJSON_AddNumberToObject(pv, "s_per_p_step", x->p_s / (double)x->p_steps);
         }
     }
     if (q->apiq_rank > 0) {
@@ -502,59 +511,12 @@ done:
     return st;
 }
 
-/* PV-tuning of the assembled block-wise model *qm (rank 0). The block-wise
- * model is kept as CKPT/blockwise.h5, the result as CKPT/pvtuned.h5; a rerun
- * whose pvtuned.h5 verifies (checksum, job and model hashes) takes it instead
- * of tuning again (the tuning is deterministic: the same bytes either way). */
-static lv_status pv_tune(qjob *q, lv_qmodel **qm)
-{
-    lv_status st = LV_OK;
-    char path[4200];
-    lv_qmodel *r = NULL;
-    lv_model *bw = NULL;
-    const double t0 = lv_now();
-    snprintf(path, sizeof path, "%s/blockwise.h5", q->ckpt_dir);
-    LV_TRY(io_qmodel_write(*qm, path));
-    if (q->eval_path[0]) {
-        LV_TRY(io_qmodel_to_fp(*qm, &bw));
-        LV_TRY(eval_model(bw, q, &q->ppl_blockwise));
-        lv_log("block-wise model: ppl %.4f", q->ppl_blockwise);
-    }
-    snprintf(path, sizeof path, "%s/pvtuned.h5", q->ckpt_dir);
-    if (access(path, F_OK) == 0) {
-        if (io_qmodel_read(&r, path) == LV_OK && r->job_hash == q->job_hash &&
-            r->model_hash == q->model_hash && !memcmp(&r->cfg, &(*qm)->cfg, sizeof r->cfg)) {
-            lv_log("PV-tuning resumed from %s", path);
-            lv_qmodel_free(*qm);
-            *qm = r;
-            r = NULL;
-            q->pv_resumed = 1;
-            goto done;
-        }
-        lv_warn("%s: not used, PV-tuning again (not a verified result of this job and model)",
-                path);
-    }
-    stage_pv_config pv = q->pv;
-    pv.seed = (uint64_t)q->seed * 1000003ULL + 77;
-    LV_TRY(stage_pv_tune(q->fp, *qm, q->seqs, q->n_seq, q->T, &pv, &q->pv_stats));
-    lv_log("PV-tuning: held-out loss %.5g -> %.5g, %lld V steps, %lld P steps (%lld code groups "
-           "changed), %.1f s", q->pv_stats.loss_before, q->pv_stats.loss_after,
-           (long long)q->pv_stats.v_steps, (long long)q->pv_stats.p_steps,
-           (long long)q->pv_stats.codes_changed, q->pv_stats.wall_s);
-    LV_TRY(io_qmodel_write(*qm, path));
-done:
-    q->prof[PIPE_PROF_PV] += lv_now() - t0;
-    lv_qmodel_free(r);
-    io_model_free(bw);
-    return st;
-}
-
-/* Rank 0: every block from its verified checkpoint into the final model. */
-static lv_status assemble(qjob *q, double t_start)
+/* Every block from its verified checkpoint into *out (rank 0; every rank
+ * when PV-tuning follows). */
+static lv_status assemble_blocks(qjob *q, lv_qmodel **out)
 {
     lv_status st = LV_OK;
     lv_qmodel *qm = NULL;
-    lv_model *qfp = NULL;
     char path[4200];
     const lv_model_config *c = &q->fp->cfg;
     LV_TRY(lv_qmodel_init(&qm, q->fp, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size));
@@ -568,21 +530,33 @@ static lv_status assemble(qjob *q, double t_start)
     qm->job_hash = q->job_hash;
     qm->model_hash = q->model_hash;
     qm->shared_codebooks = q->share_model;
-    if (q->pv_enable) LV_TRY(pv_tune(q, &qm));
+    *out = qm;
+    qm = NULL;
+done:
+    lv_qmodel_free(qm);
+    return st;
+}
+
+/* Rank 0: the final model qm written, evaluated and summarised. */
+static lv_status finish(qjob *q, const lv_qmodel *qm, double t_start)
+{
+    lv_status st = LV_OK;
+    lv_model *qfp = NULL;
+    char path[4200];
     snprintf(path, sizeof path, "%s/model.h5", q->out_dir);
     LV_TRY(io_qmodel_write(qm, path));
     lv_log("wrote %s (%.3f bits per weight: codes + codebooks + scales)", path,
            lv_qmodel_bits_per_weight(qm));
     const double te = lv_now();
     if (q->eval_path[0]) {
-        LV_TRY(eval_model(q->fp, q, &q->ppl_fp));
+        LV_TRY(pipe_eval_model(q->fp, q, &q->ppl_fp));
         LV_TRY(io_qmodel_to_fp(qm, &qfp));
-        LV_TRY(eval_model(qfp, q, &q->ppl_quant));
+        LV_TRY(pipe_eval_model(qfp, q, &q->ppl_quant));
         if (q->apiq_rank > 0) { /* the same quantized model without its adapters */
             io_model_free(qfp);
             qfp = NULL;
             LV_TRY(io_qmodel_to_fp_opts(qm, 0, &qfp));
-            LV_TRY(eval_model(qfp, q, &q->ppl_quant_no_lora));
+            LV_TRY(pipe_eval_model(qfp, q, &q->ppl_quant_no_lora));
         }
     }
     q->eval_s = lv_now() - te;
@@ -602,7 +576,6 @@ static lv_status assemble(qjob *q, double t_start)
         printf("quantized at %.3f bits per weight (%.1f s)\n", lv_qmodel_bits_per_weight(qm),
                q->wall_s);
 done:
-    lv_qmodel_free(qm);
     io_model_free(qfp);
     return st;
 }
@@ -637,6 +610,8 @@ static lv_status run_quantize(qjob *q, const job_file *j, comm_ctx *comm, int *f
 {
     lv_status st = LV_OK, global = LV_OK;
     const int rank = comm_rank(comm), size = comm_size(comm);
+    lv_qmodel *qm = NULL;
+    q->n_ranks = size;
     double t0 = lv_now();
     *failed_rank = -1;
 
@@ -674,8 +649,21 @@ static lv_status run_quantize(qjob *q, const job_file *j, comm_ctx *comm, int *f
         st = global;
         goto done;
     }
+    if (rank == 0 || q->pv_enable) st = assemble_blocks(q, &qm);
+    if (q->pv_enable) { /* every rank takes part */
+        if (size > 1) {
+            LV_TRY(comm_agree_status(comm, st, &global, failed_rank));
+            st = global;
+        }
+        if (st == LV_OK) st = pipe_pv_tune(q, comm, &qm);
+        if (size > 1 && st != LV_ERR_STOPPED) {
+            lv_status pst = comm_agree_status(comm, st, &global, failed_rank);
+            if (st == LV_OK) st = pst != LV_OK ? pst : global;
+        }
+        if (st != LV_OK) goto done;
+    }
     LV_TRY(comm_allreduce_sum_f64(comm, q->prof, PIPE_PROF_N));
-    if (rank == 0) st = assemble(q, t0);
+    if (rank == 0) st = finish(q, qm, t0);
     /* the others wait while rank 0 assembles and evaluates, however long that
      * takes (a dead rank 0 ends the job through mpirun/srun) */
     const double timeout = comm_timeout(comm);
@@ -685,6 +673,7 @@ static lv_status run_quantize(qjob *q, const job_file *j, comm_ctx *comm, int *f
     LV_TRY(ast);
     st = global;
 done:
+    lv_qmodel_free(qm);
     return st;
 }
 

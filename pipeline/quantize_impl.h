@@ -28,6 +28,7 @@ typedef struct {
     const char *model_path, *tok_path, *calib_path, *out_dir, *eval_path, *prop;
     int share_model;     /* quant.share_codebooks = model */
     int rank_logs;       /* --rank-logs */
+    int n_ranks;         /* ranks of this run */
     int64_t apiq_rank, apiq_iters; /* [apiq]: LoRA adapters (rank 0 = none) */
     int pv_enable;       /* [pvtune] */
     stage_pv_config pv;
@@ -47,7 +48,8 @@ typedef struct {
     /* results */
     double ppl_fp, ppl_quant, ppl_quant_no_lora, ppl_blockwise, wall_s, eval_s;
     stage_pv_stats pv_stats;
-    int pv_resumed;
+    int pv_resumed;          /* 1: the result came from a verified CKPT/pvtuned.h5 */
+    int64_t pv_resumed_from; /* > 0: continued from CKPT/pv_state.h5 after this many V steps */
     double prof[PIPE_PROF_N];
     int n_resumed;
 } qjob;
@@ -97,5 +99,12 @@ void pipe_block_path(const qjob *q, int layer, char *path, size_t cap);
  * (beam searches split over the ranks' shards), joint fine-tuning, then each
  * rank checkpoints the blocks of its shard. Collective. */
 lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, pipe_progress *prog, double t_start);
+
+/* Perplexity of m on output.eval_data (quantize.c). */
+lv_status pipe_eval_model(const lv_model *m, const qjob *q, double *ppl);
+
+/* PV-tuning of the block-wise model *qm, collective over all ranks, each
+ * holding the same *qm (quantize_pv.c); *qm is replaced by the result. */
+lv_status pipe_pv_tune(qjob *q, comm_ctx *comm, lv_qmodel **qm);
 
 #endif

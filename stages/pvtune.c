@@ -1020,6 +1020,35 @@ done:
     return st;
 }
 
+/* Held-out sequences of n_seq: the last ceil(frac * n_seq), at least one,
+ * never all (n_seq 1: none, the one sequence serves both). */
+static int64_t pv_holdout(int64_t n_seq, double frac)
+{
+    if (n_seq < 2) return 0;
+    int64_t h = (int64_t)ceil(frac * (double)n_seq);
+    return h < 1 ? 1 : h > n_seq - 1 ? n_seq - 1 : h;
+}
+
+void stage_pv_state_dims(const lv_qmodel *q, int64_t n_seq, const stage_pv_config *cfg,
+                         int64_t *n_param, int64_t *n_codes, int64_t *n_train)
+{
+    const stage_pv_config c = stage_pv_defaults(cfg);
+    const int64_t dim = q->cfg.dim;
+    int64_t np = dim, nc = 0;
+    for (int l = 0; l < q->cfg.n_layers; l++) {
+        for (int k = 0; k < LV_LIN_COUNT; k++) {
+            const lv_aq_layer *L = &q->blocks[l].lin[k];
+            const int64_t cb = (int64_t)L->M * ((int64_t)1 << L->nbits) * L->g;
+            np += L->d_out + (q->shared_codebooks ? (l == 0 && k == 0 ? cb : 0) : cb);
+            nc += L->d_out * L->n_groups * L->M;
+        }
+        np += 2 * dim;
+    }
+    *n_param = np;
+    *n_codes = nc;
+    *n_train = n_seq - pv_holdout(n_seq, c.holdout_frac);
+}
+
 /* Fill st from the run (q holds the current parameters and codes). */
 static void pv_state_of(const pv_run *r, const int64_t *perm, const lv_rng *rng, int64_t ep,
                         int64_t next, int64_t steps, double loss_sum, int stop,
@@ -1079,16 +1108,18 @@ lv_status stage_pv_tune(const lv_model *fp, lv_qmodel *q, const int32_t *tokens,
     if (!fp || !q || !tokens || n_seq < 1 || T < 1)
         LV_FAIL(LV_ERR_INVALID_ARG, "pv-tune: NULL model or tokens, or %lld sequences of %d tokens",
                 (long long)n_seq, T);
-    if (n_seq >= 2) { /* the last ceil(frac * n_seq), at least one, never all */
-        int64_t h = (int64_t)ceil(r.c.holdout_frac * (double)n_seq);
-        r.sx.n_holdout = h < 1 ? 1 : h > n_seq - 1 ? n_seq - 1 : h;
-    }
+    r.sx.n_holdout = pv_holdout(n_seq, r.c.holdout_frac);
     const int64_t n_train = r.sx.n_train = n_seq - r.sx.n_holdout;
     r.val = tokens + (r.sx.n_holdout ? n_train * T : 0);
     r.n_val = r.sx.n_holdout ? r.sx.n_holdout : n_seq;
     const int bmax = (int)(n_train < r.c.batch_seqs ? n_train : r.c.batch_seqs);
     LV_TRY(stage_pv_init(&r.pv, fp, q, r.c.micro_batch < bmax ? r.c.micro_batch : bmax, T, &r.c));
     r.sx.n_train = n_train;
+    {
+        int64_t np, nc, nt;
+        stage_pv_state_dims(q, n_seq, &r.c, &np, &nc, &nt);
+        LV_ASSERT(np == r.pv->n_param && nc == r.pv->n_codes && nt == n_train);
+    }
     LV_ALLOC(r.bp, r.pv->n_param);
     LV_ALLOC(r.bc, r.pv->n_codes);
     LV_ALLOC(tb, (size_t)bmax * (size_t)T);

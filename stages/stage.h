@@ -508,6 +508,11 @@ struct stage_pv_state {
     stage_pv_stats stats;        /* so far */
 };
 
+/* The array lengths of a stage_pv_state for tuning q on n_seq sequences with
+ * cfg (NULL: defaults): trainable parameters, codes, training sequences. */
+void stage_pv_state_dims(const lv_qmodel *q, int64_t n_seq, const stage_pv_config *cfg,
+                         int64_t *n_param, int64_t *n_codes, int64_t *n_train);
+
 /* PV-tuning driver: epochs over tokens (n_seq, T) in a seeded order, one V step
  * per batch_seqs sequences and a P step (on the same batch) after every p_every
  * V steps; the last ceil(holdout_frac * n_seq) sequences are held out (n_seq 1:
