@@ -361,17 +361,19 @@ done:
 static int key_hashed(const job_key *k)
 {
     return strcmp(k->section, "output") && strcmp(k->key, "checkpoint_dir") &&
+           strcmp(k->key, "checkpoint_every") &&
            strcmp(k->key, "scratch_dir") && strcmp(k->key, "comm_timeout_s") &&
            !(!strcmp(k->section, "model") && !strcmp(k->key, "path"));
 }
 
-uint64_t job_hash(const job_file *j)
+static uint64_t hash_keys(const job_file *j, int with_pv)
 {
     int n;
     const job_key *s = job_schema(&n);
     uint64_t h = 0xcbf29ce484222325ULL;
     for (int i = 0; i < n; i++) {
         if (!key_hashed(&s[i])) continue;
+        if (!with_pv && !strcmp(s[i].section, "pvtune")) continue;
         const char *parts[4] = {s[i].section, s[i].key, j->value[i] ? j->value[i] : "", "\n"};
         for (int p = 0; p < 4; p++)
             for (const unsigned char *c = (const unsigned char *)parts[p]; *c; c++) {
@@ -383,6 +385,10 @@ uint64_t job_hash(const job_file *j)
     }
     return h;
 }
+
+uint64_t job_hash(const job_file *j) { return hash_keys(j, 1); }
+
+uint64_t job_hash_blocks(const job_file *j) { return hash_keys(j, 0); }
 
 void job_schema_markdown(FILE *f)
 {

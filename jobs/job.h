@@ -58,6 +58,10 @@ lv_status job_canonical(const job_file *j, char **text);
 /* FNV-1a 64 over the keys that change the quantized result (not output.*,
  * run.checkpoint_dir or model.path): ties checkpoints to a job. */
 uint64_t job_hash(const job_file *j);
+/* job_hash over the keys that change the quantized blocks only: without the
+ * [pvtune] section (PV-tuning runs after the blocks, on their result), so a
+ * job that differs in [pvtune] alone reuses the block checkpoints. */
+uint64_t job_hash_blocks(const job_file *j);
 
 /* Markdown table of the schema (docs/jobfile.md). */
 void job_schema_markdown(FILE *f);

@@ -18,6 +18,10 @@ static const job_key schema[] = {
      "calibration sequences"},
     {"calibration", "seqlen", JOB_INT, "0", 0, 1 << 20, NULL,
      "tokens per calibration sequence (0 = the model's seq_len)"},
+    {"calibration", "skip_tokens", JOB_INT, "0", 0, 9.0e15, NULL,
+     "calibration sequences come from the tokens after the first skip_tokens of "
+     "calibration.data (with output.eval_max_tokens = skip_tokens and the same file, "
+     "calibration and evaluation text are disjoint)"},
     
     /* [quant] */
     {"quant", "num_codebooks", JOB_INT, "1", 1, 8, NULL,
@@ -67,6 +71,10 @@ static const job_key schema[] = {
      "a budget), on the calibration sequences"},
     {"pvtune", "loss", JOB_ENUM, "kl", NOLIM, "kl|ce",
      "kl: KL divergence to the FP model's next-token distributions; ce: next-token cross-entropy"},
+    {"pvtune", "nsamples", JOB_INT, "0", 0, 1 << 24, NULL,
+     "sequences (calibration.seqlen tokens, random crops of calibration.data after "
+     "calibration.skip_tokens, their own seed) PV-tuning trains and holds out on; 0: the "
+     "calibration sequences"},
     {"pvtune", "lr", JOB_FLOAT, "1e-3", 0, 1, NULL, "V-step Adam learning rate"},
     {"pvtune", "max_epochs", JOB_INT, "4", 1, 100000, NULL, "passes over the training sequences"},
     {"pvtune", "batch_seqs", JOB_INT, "16", 1, 1 << 20, NULL, "sequences per V step"},

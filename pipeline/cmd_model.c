@@ -13,15 +13,19 @@ static int ends_with(const char *s, const char *suffix)
 int pipe_cmd_convert(int argc, char **argv)
 {
     const char *model_path = NULL, *to = "hf", *out = NULL;
+    int no_lora = 0;
     const pipe_opt opts[] = {
-        {"model", PIPE_OPT_STR, &model_path, "input model: llama2.c .bin or HF directory"},
+        {"model", PIPE_OPT_STR, &model_path,
+         "input model: llama2.c .bin, HF directory or quantized model.h5 (dequantized)"},
         {"to", PIPE_OPT_STR, &to, "output format: hf (directory) or llama2c (.bin) (default hf)"},
         {"out", PIPE_OPT_STR, &out, "output directory (hf) or file (llama2c)"},
+        {"no-lora", PIPE_OPT_FLAG, &no_lora,
+         "model.h5: leave out its LoRA adapters (the base model for `export --format peft-lora`)"},
     };
     const int n_opts = (int)(sizeof opts / sizeof opts[0]);
     int n_pos = 0;
-    int rc = pipe_opts_parse("convert", "--model PATH --to hf|llama2c --out PATH", opts, n_opts,
-                             argc, argv, NULL, 0, &n_pos);
+    int rc = pipe_opts_parse("convert", "--model PATH --to hf|llama2c --out PATH [--no-lora]", opts,
+                             n_opts, argc, argv, NULL, 0, &n_pos);
     if (rc) return rc < 0 ? PIPE_EXIT_OK : rc;
     if (!model_path || !out) {
         fprintf(stderr, "llmvq convert: --model and --out are required (see --help)\n");
@@ -33,7 +37,19 @@ int pipe_cmd_convert(int argc, char **argv)
     }
     lv_status st = LV_OK;
     lv_model *m = NULL;
-    LV_TRY(io_model_open(&m, model_path, IO_MODEL_AUTO));
+    lv_qmodel *q = NULL;
+    if (no_lora) {
+        /* What alone: every other reader of model.h5 adds B A */
+        lv_status rs = io_qmodel_read(&q, model_path);
+        if (rs != LV_OK) {
+            char why[512];
+            lv_last_error_line(why, sizeof why);
+            LV_FAIL(rs, "--no-lora takes a quantized model.h5: %s", why);
+        }
+        LV_TRY(io_qmodel_to_fp_opts(q, 0, &m));
+    } else {
+        LV_TRY(io_model_open(&m, model_path, IO_MODEL_AUTO));
+    }
     if (!strcmp(to, "hf"))
         LV_TRY(io_model_write_hf(m, out));
     else
@@ -41,6 +57,7 @@ int pipe_cmd_convert(int argc, char **argv)
     lv_log("wrote %s (%s, %lld parameters)", out, to, (long long)lv_cfg_n_params(&m->cfg));
 done:
     io_model_free(m);
+    lv_qmodel_free(q);
     return st == LV_OK ? PIPE_EXIT_OK : pipe_report_error("convert");
 }
 

@@ -44,6 +44,7 @@ static lv_status read_pv_job(qjob *q, const job_file *j)
     LV_TRY(job_get_float(j, "pvtune.p_budget", &pb));
     LV_TRY(job_get_float(j, "pvtune.p_lr", &plr));
     LV_TRY(job_get_int(j, "pvtune.checkpoint_every", &ce));
+    LV_TRY(job_get_int(j, "pvtune.nsamples", &q->pv_nsamples));
     q->pv = (stage_pv_config){.loss = strcmp(loss, "ce") ? STAGE_PV_LOSS_KL : STAGE_PV_LOSS_CE,
                               .lr = (float)lr, .max_epochs = (int)e, .batch_seqs = (int)b,
                               .micro_batch = (int)m, .patience = (int)pat, .eval_every = (int)ev,
@@ -63,6 +64,7 @@ static lv_status read_job(qjob *q, const job_file *j)
     LV_TRY(job_get_str(j, "calibration.data", &q->calib_path));
     LV_TRY(job_get_int(j, "calibration.nsamples", &q->nsamples));
     LV_TRY(job_get_int(j, "calibration.seqlen", &q->seqlen));
+    LV_TRY(job_get_int(j, "calibration.skip_tokens", &q->calib_skip));
     LV_TRY(job_get_int(j, "run.seed", &q->seed));
     LV_TRY(job_get_str(j, "run.checkpoint_dir", &ck));
     LV_TRY(job_get_str(j, "run.scratch_dir", &q->scratch_dir));
@@ -93,7 +95,8 @@ static lv_status read_job(qjob *q, const job_file *j)
         snprintf(q->ckpt_dir, sizeof q->ckpt_dir, "%s", ck);
     else
         snprintf(q->ckpt_dir, sizeof q->ckpt_dir, "%s/checkpoint", q->out_dir);
-    q->job_hash = job_hash(j);
+    q->job_hash = job_hash_blocks(j); /* blocks, shared AQLM: [pvtune] does not matter */
+    q->pv_hash = job_hash(j);         /* PV-tuning files and the final model */
 done:
     return st;
 }
@@ -405,6 +408,8 @@ static lv_status write_summary(const qjob *q, const lv_qmodel *qm, const char *p
     char hex[32];
     snprintf(hex, sizeof hex, "%016" PRIx64, q->job_hash);
     cJSON_AddStringToObject(o, "job_hash", hex);
+    snprintf(hex, sizeof hex, "%016" PRIx64, q->pv_hash);
+    cJSON_AddStringToObject(o, "job_hash_full", hex);
     snprintf(hex, sizeof hex, "%016" PRIx64, q->model_hash);
     cJSON_AddStringToObject(o, "model_hash", hex);
     cJSON *prof = cJSON_AddObjectToObject(o, "profile");
@@ -596,7 +601,16 @@ static lv_status prepare(qjob *q, const job_file *j)
                 c->seq_len);
     q->n_seq = q->nsamples;
     LV_TRY(load_tokens(q, q->calib_path, &toks, &n_tok));
-    LV_TRY(stage_calib_sequences(toks, n_tok, q->n_seq, q->T, (uint64_t)q->seed, &q->seqs));
+    if (q->calib_skip > 0 && q->calib_skip > n_tok - q->T)
+        LV_FAIL(LV_ERR_INVALID_ARG, "calibration.skip_tokens = %lld leaves fewer than one "
+                "sequence of %d tokens in %s (%lld tokens)", (long long)q->calib_skip, q->T,
+                q->calib_path, (long long)n_tok);
+    LV_TRY(stage_calib_sequences(toks + q->calib_skip, n_tok - q->calib_skip, q->n_seq, q->T,
+                                 (uint64_t)q->seed, &q->seqs));
+    if (q->pv_enable && q->pv_nsamples > 0)
+        LV_TRY(stage_calib_sequences(toks + q->calib_skip, n_tok - q->calib_skip,
+                                     q->pv_nsamples, q->T,
+                                     (uint64_t)q->seed * 1000003ULL + 991, &q->pv_seqs));
     if (q->eval_path[0] && access(q->eval_path, R_OK) != 0)
         LV_FAIL(LV_ERR_IO, "%s: cannot read output.eval_data: %s", q->eval_path, strerror(errno));
 done:
@@ -744,6 +758,7 @@ int pipe_cmd_quantize(int argc, char **argv)
     st = run_quantize(&q, j, comm, &failed_rank);
 done:
     free(q.seqs);
+    free(q.pv_seqs);
     io_tokenizer_free(q.tok);
     io_model_free(q.fp);
     job_free(j);

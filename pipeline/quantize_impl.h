@@ -34,15 +34,18 @@ typedef struct {
     stage_pv_config pv;
     char ckpt_dir[4096];
     const char *scratch_dir; /* run.scratch_dir: "" = activations in RAM */
-    int64_t nsamples, seqlen, seed, eval_ctx, eval_max;
+    int64_t nsamples, seqlen, calib_skip, seed, eval_ctx, eval_max;
     stage_aqlm_config acfg;
     int ft_enable;
     stage_ft_config ft;
-    uint64_t job_hash, model_hash;
+    uint64_t job_hash, model_hash; /* job_hash: job_hash_blocks (every block file) */
+    uint64_t pv_hash;              /* job_hash of all keys: PV-tuning files */
     /* data */
     lv_model *fp;
     io_tokenizer *tok;
     int32_t *seqs; /* (n_seq, T) */
+    int64_t pv_nsamples; /* pvtune.nsamples */
+    int32_t *pv_seqs;    /* (pv_nsamples, T) PV-tuning's own sequences, or NULL (= seqs) */
     int64_t n_seq;
     int T;
     /* results */

@@ -140,7 +140,7 @@ static int pv_load_state(pv_ctx *c, lv_qmodel **qm, stage_pv_state *s, void **bu
     double dbls[PVD_N];
     io_array a[8];
     if (access(c->state_path, F_OK) != 0) return 0;
-    stage_pv_state_dims(*qm, q->n_seq, &q->pv, &np, &nc, &nt);
+    stage_pv_state_dims(*qm, q->pv_seqs ? q->pv_nsamples : q->n_seq, &q->pv, &np, &nc, &nt);
     unsigned char *b = malloc(sizeof(float) * (size_t)(3 * np) + sizeof(uint16_t) * (size_t)nc +
                               sizeof(int64_t) * (size_t)nt + 16);
     if (!b) return 0;
@@ -151,7 +151,7 @@ static int pv_load_state(pv_ctx *c, lv_qmodel **qm, stage_pv_state *s, void **bu
     s->m = f, s->v = f + np, s->best_param = f + 2 * np, s->perm = perm, s->best_codes = codes;
     const int n = pv_arrays(s, ints, dbls, a);
     const lv_status rst = io_qmodel_read_extra(&r, c->state_path, "pv_state", a, n);
-    if (rst != LV_OK || r->job_hash != q->job_hash || r->model_hash != q->model_hash ||
+    if (rst != LV_OK || r->job_hash != q->pv_hash || r->model_hash != q->model_hash ||
         memcmp(&r->cfg, &(*qm)->cfg, sizeof r->cfg) != 0 ||
         r->shared_codebooks != (*qm)->shared_codebooks) {
         char why[512];
@@ -195,7 +195,7 @@ lv_status pipe_pv_tune(qjob *q, comm_ctx *comm, lv_qmodel **qm)
         }
         snprintf(path, sizeof path, "%s/pvtuned.h5", q->ckpt_dir);
         if (st == LV_OK && access(path, F_OK) == 0) {
-            if (io_qmodel_read(&r, path) == LV_OK && r->job_hash == q->job_hash &&
+            if (io_qmodel_read(&r, path) == LV_OK && r->job_hash == q->pv_hash &&
                 r->model_hash == q->model_hash && !memcmp(&r->cfg, &(*qm)->cfg, sizeof r->cfg)) {
                 lv_log("PV-tuning resumed from %s", path);
                 lv_qmodel_free(*qm);
@@ -221,6 +221,8 @@ lv_status pipe_pv_tune(qjob *q, comm_ctx *comm, lv_qmodel **qm)
     }
     if (done_already) goto done;
 
+    const int32_t *pv_seqs = q->pv_seqs ? q->pv_seqs : q->seqs;
+    const int64_t pv_n = q->pv_seqs ? q->pv_nsamples : q->n_seq;
     stage_pv_state rs;
     const int resumed = pv_load_state(&c, qm, &rs, &sbuf);
     if (c.size > 1) { /* every rank read the same file: the same verdict, unless I/O failed */
@@ -231,6 +233,7 @@ lv_status pipe_pv_tune(qjob *q, comm_ctx *comm, lv_qmodel **qm)
             LV_FAIL(LV_ERR_IO, "%s: readable on some ranks only; check that run.checkpoint_dir "
                     "is on a file system every rank sees", c.state_path);
     }
+    (*qm)->job_hash = q->pv_hash; /* pv_state.h5 and pvtuned.h5 belong to the whole job */
     c.qm = *qm;
     const stage_dist dist = {.user = &c, .owns = pv_owns, .share = pv_share};
     stage_pv_config pv = q->pv;
@@ -243,7 +246,7 @@ lv_status pipe_pv_tune(qjob *q, comm_ctx *comm, lv_qmodel **qm)
     if (c.rank == 0 && c.size > 1)
         lv_log("pv-tune: data-parallel over %d ranks (micro-batch m and linear i on rank "
                "i %% %d)", c.size, c.size);
-    LV_TRY(stage_pv_tune(q->fp, *qm, q->seqs, q->n_seq, q->T, &pv, &q->pv_stats));
+    LV_TRY(stage_pv_tune(q->fp, *qm, pv_seqs, pv_n, q->T, &pv, &q->pv_stats));
     if (resumed) q->pv_resumed_from = rs.stats.v_steps;
     lv_log("PV-tuning: held-out loss %.5g -> %.5g, %lld V steps, %lld P steps (%lld code groups "
            "changed), %.1f s", q->pv_stats.loss_before, q->pv_stats.loss_after,

@@ -72,6 +72,15 @@ static void test_good(void **state)
     assert_true(job_hash(j) == h0); /* where results go does not change them */
     assert_int_equal(job_set(j, "quant.beam_size=4"), LV_OK);
     assert_true(job_hash(j) != h0);
+    /* [pvtune] changes the whole-job hash, not the blocks' (their checkpoints stay valid);
+     * checkpoint_every changes neither (the result is bit-identical either way) */
+    const uint64_t hb = job_hash_blocks(j), hf = job_hash(j);
+    assert_int_equal(job_set(j, "pvtune.lr=2e-3"), LV_OK);
+    assert_true(job_hash_blocks(j) == hb);
+    assert_true(job_hash(j) != hf);
+    const uint64_t hf2 = job_hash(j);
+    assert_int_equal(job_set(j, "pvtune.checkpoint_every=7"), LV_OK);
+    assert_true(job_hash(j) == hf2 && job_hash_blocks(j) == hb);
     assert_int_equal(job_set(j, "quant.nbits=99"), LV_ERR_INVALID_ARG);
     assert_non_null(strstr(lv_last_error(), "quant.nbits"));
     assert_int_equal(job_set(j, "quant.bogus=1"), LV_ERR_INVALID_ARG);

@@ -52,4 +52,5 @@ printf '[model]\npath = x.bin\n[quant]\nnbits = 99\n' >"$T/bad.ini"
 expect_error "bad value in job file" "bad.ini.*quant.nbits" "$LLMVQ_BIN" quantize "$T/bad.ini"
 expect_error "unknown --set key" "quant.nbitz" "$LLMVQ_BIN" quantize "$JOB" --set quant.nbitz=2
 expect_error "missing calibration data" "nothere.txt" "$LLMVQ_BIN" quantize "$JOB" --quiet --set calibration.data="$T/nothere.txt" --set output.dir="$T/o2"
+expect_error "calibration.skip_tokens past the end" "calibration.skip_tokens = 99999999 leaves fewer than one sequence" "$LLMVQ_BIN" quantize "$JOB" --quiet --set calibration.skip_tokens=99999999 --set output.dir="$T/o3"
 finish
