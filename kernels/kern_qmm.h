@@ -4,34 +4,44 @@
  * they compute y (n, d_out) = x (n, d_in) @ What^T.
  *
  * CPU (kernels/cpu/qmm.c): host pointers, synchronous, OpenMP inside. Three algorithms;
- * kern_aq_gemm picks one from the shape (kern_aq_algo_auto):
+ * kern_aq_gemm picks one from the shape and the ISA (kern_aq_algo_auto). The hot loops of
+ * LUT and GATHER exist as portable C and as AVX2 / AVX-512 twins picked at run time
+ * (kern_aq_isa below) that perform the same float operations in the same order: all ISAs
+ * give the same bits.
  *
- *  LUT (nbits <= 8, g >= 8, small batch, d_out >= 4 * 2^nbits). Per input row b, group i and codebook m a lookup table
- *    LUT[b, i, m, k] = <x[b, i*g : i*g+g], codebooks[m, k]>   (n*n_groups*M*2^nbits floats)
- *    is built once (M*2^nbits*d_in multiply-adds per input row, vectorized over k through
- *    a transposed copy of the codebooks), then
- *    y[b, r] = scales[r] * sum_i (sum_m LUT[b, i, m, codes[r, i, m]]):
- *    M table reads per group of g weights instead of g multiply-adds, 2*M bytes of codes
- *    instead of 4*g bytes of weights. OpenMP over tiles of 256 output rows (and blocks of
- *    8 input rows); inside a tile, groups in chunks whose tables (16 KiB) stay in L1 and
- *    rows four at a time (four independent sums in flight).
+ *  LUT (nbits <= 8, g >= 8, d_out >= 4 * 2^nbits; n < 8, or n <= 16 with AVX-512). Per
+ *    input row b, group i and codebook m a lookup table
+ *    LUT[b, e, k] = <x[b, i*g : i*g+g], codebooks[m, k]>,  e = i*M + m   (n*n_groups*M*2^nbits floats)
+ *    is built once (M*2^nbits*d_in multiply-adds per input row, over k through a transposed
+ *    copy of the codebooks), then each output is ONE sum in order of e:
+ *    y[b, r] = scales[r] * (((LUT[b, 0, c[r,0]] + LUT[b, 1, c[r,1]]) + LUT[b, 2, c[r,2]]) + ...)
+ *    (c[r, e] the row's codes, flat): M table reads per group of g weights. OpenMP over
+ *    tiles of 256 output rows. Portable: 8 rows at a time inside chunks of e whose tables
+ *    (16 KiB) stay in L1. AVX-512 (F + BW): 32 rows per register, the codes used as the
+ *    index of word permutes over the table of one e held in 16 registers (the fp32 entries
+ *    split into high and low 16-bit planes, rebuilt exactly), the codes transposed on the
+ *    fly once for the whole batch; no gathers.
  *  GATHER (any nbits, small batch; the 1x16 path). One row of W at a time: for one input
  *    row and the configs 1xBg8, 2xBg8, 1xBg4 the codebook vectors are gathered and
  *    multiplied straight into 16 lane sums (nothing stored); otherwise the row is decoded
  *    once into a per-thread buffer (d_in floats) and dotted with every input row, so one
  *    decode serves the batch:
  *    y[b, r] = scales[r] * <x[b], sum_m codebooks[m, codes[r, ., m]]>.
- *  TILE (batch >= 8, e.g. a whole evaluation window). Tiles of rows of What (about 4 MiB)
- *    are decoded with kern_aq_dequant_ref's arithmetic and multiplied by one cblas_sgemm
- *    each: the matrix is decoded once per call, the FLOPs run at sgemm speed. The decode
- *    is the reference's, so TILE matches kern_aq_gemm_ref to sgemm's blocking (bit for
- *    bit in the tests).
+ *    With AVX2 and 1xBg8, B >= 12, n = 1: when every codebook value is exactly an fp16
+ *    (AQLM checkpoints store fp16 codebooks), the gathers read an fp16 copy made per call
+ *    (half the bytes of random reads; same values, same bits); otherwise the fp32 one.
+ *  TILE (batch >= 8 when LUT does not apply, e.g. 1x16 evaluation windows). Tiles of rows
+ *    of What (about 4 MiB) are decoded with kern_aq_dequant_ref's arithmetic and multiplied
+ *    by one cblas_sgemm each: the matrix is decoded once per call, the FLOPs run at sgemm
+ *    speed. The decode is the reference's, so TILE matches kern_aq_gemm_ref to sgemm's
+ *    blocking (bit for bit in the tests).
  *
  * Determinism: every output's summation order is fixed by the shape alone (fixed row
- * tiles and group chunks, fixed lane counts in the dot products), so results do not
- * depend on the number of OpenMP threads. TILE's products are OpenBLAS's sgemm, whose
- * bits can change with OPENBLAS_NUM_THREADS (as kern_matmul_ref's do). LUT and GATHER
- * round differently from kern_aq_gemm_ref: a few ulps of sum_j |x_j * What_rj| per output.
+ * tiles and lane counts, one sum per row in LUT), so results depend neither on the number
+ * of OpenMP threads nor on the ISA. TILE's products are OpenBLAS's sgemm, whose bits can
+ * change with OPENBLAS_NUM_THREADS (as kern_matmul_ref's do). LUT and GATHER round
+ * differently from kern_aq_gemm_ref: a few ulps of sum_j |x_j * What_rj| per output (the
+ * tests bound it by 1e-5 times that sum; measured <= 3.2e-7). No reduced-precision tables.
  *
  * Codes must be < 2^nbits (the caller's invariant, as for kern_aq_dequant_ref; not
  * checked per element). L's arrays are borrowed for the duration of a call.
@@ -56,18 +66,44 @@ typedef enum {
 /* "auto", "lut", "gather", "tile". */
 const char *kern_aq_algo_name(kern_aq_algo a);
 
-/* What KERN_AQ_AUTO runs for this layer and batch: TILE for n >= 8; else LUT when
- * nbits <= 8, g >= 8 and d_out >= 4 * 2^nbits (each table entry is read a few times and
- * saves g multiply-adds); else GATHER. */
+/* What KERN_AQ_AUTO runs for this layer and batch (with the ISA of kern_aq_isa_get()):
+ * LUT when nbits <= 8, g >= 8 and d_out >= 4 * 2^nbits (each table entry is read a few
+ * times and saves g multiply-adds) and n < 8, or n <= 16 with AVX-512; else TILE for
+ * n >= 8; else GATHER. */
 kern_aq_algo kern_aq_algo_auto(const lv_aq_layer *L, int64_t n);
+
+/* Instruction sets of the LUT and GATHER hot loops. PORTABLE: plain C (the build's
+ * baseline ISA). AVX2: the same loops with 8-lane gathers / loads, compiled for AVX2 only
+ * in this file and picked at run time (__builtin_cpu_supports); they perform the same
+ * float operations in the same order per lane, so both give the same bits (tested).
+ * Append-only. */
+typedef enum {
+    KERN_AQ_ISA_AUTO = 0, /* AVX2 when the CPU has it, else PORTABLE */
+    KERN_AQ_ISA_PORTABLE,
+    KERN_AQ_ISA_AVX2,
+    KERN_AQ_ISA_AVX512,   /* AVX-512 F + BW word permutes for LUT; AVX2 for the rest */
+} kern_aq_isa;
+
+/* "auto", "portable", "avx2", "avx512". */
+const char *kern_aq_isa_name(kern_aq_isa isa);
+
+/* Process-wide choice for later kern_aq_gemm calls (tests and benchmarks compare the
+ * two); not to be called while another thread is inside kern_aq_gemm. LV_ERR_UNSUPPORTED
+ * for AVX2 on a CPU or build without it; LV_ERR_INVALID_ARG for an unknown value. */
+lv_status kern_aq_isa_set(kern_aq_isa isa);
+
+/* What the next kern_aq_gemm call runs: PORTABLE or AVX2, never AUTO. */
+kern_aq_isa kern_aq_isa_get(void);
 
 /* Scratch memory of the fast path, grown on demand and reused across calls (one per
  * thread of the caller; not shared between concurrent calls). After a first call with
  * the largest layer and batch it allocates nothing more. Size, in floats:
  *   LUT:    M*g*2^nbits (transposed codebooks) + n*n_groups*M*2^nbits (tables),
- *           e.g. 1 MiB per input row for 2x8g8 at d_in 4096;
- *   GATHER: none for n = 1 with 1xBg8, 2xBg8, 1xBg4; else omp_get_max_threads() * d_in
- *           (one decoded row per thread);
+ *           e.g. 1 MiB per input row for 2x8g8 at d_in 4096; with AVX-512 as much again
+ *           (the 16-bit planes) + per thread 2*n*256 floats and 64*256 u16;
+ *   GATHER: none for n = 1 with 1xBg8, 2xBg8, 1xBg4 (but 2^nbits * 4 floats, the fp16
+ *           codebook copy, for 1xBg8, B >= 12 with AVX2: 1 MiB for 1x16g8); else
+ *           omp_get_max_threads() * d_in (one decoded row per thread);
  *   TILE:   rows_per_tile * d_in, about 4 MiB (at least 64 rows). */
 typedef struct kern_aq_ws kern_aq_ws;
 lv_status kern_aq_ws_init(kern_aq_ws **ws);

@@ -26,7 +26,7 @@
 
 typedef struct {
     int64_t rows, cols, batch;
-    int M, nbits, g, threads, reps, warm;
+    int M, nbits, g, threads, reps, warm, fp16_cb;
     kern_aq_algo algo;
     const char *config;
 } bench_gemv_args;
@@ -93,6 +93,19 @@ static void ring_free(bench_ring *R)
     R->n = 0;
 }
 
+/* v rounded to the nearest fp16 value (to nearest even on the 10 mantissa bits), for
+ * --fp16-codebooks (AQLM checkpoints store fp16 codebooks); |v| under 2^-14 (fp16
+ * subnormals) becomes 0. */
+static float round_to_fp16(float v)
+{
+    if (fabsf(v) < 6.103515625e-05f) return 0.0f;
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    u = (u + 0xFFFu + ((u >> 13) & 1u)) & ~0x1FFFu;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
 /* A random layer (uniform codes, N(0, 0.05) codebooks, scales near 1), its dequantized
  * twin, and copies of both (see the top of the file). */
 static lv_status ring_init(const bench_gemv_args *a, bench_ring *R)
@@ -119,6 +132,8 @@ static lv_status ring_init(const bench_gemv_args *a, bench_ring *R)
         }
         for (int64_t t = 0; t < n_codes; t++) L->codes[t] = (uint16_t)(lv_rng_u64(&r) % (uint64_t)K);
         for (int64_t t = 0; t < n_cb; t++) L->codebooks[t] = 0.05f * lv_rng_normal(&r);
+        if (a->fp16_cb)
+            for (int64_t t = 0; t < n_cb; t++) L->codebooks[t] = round_to_fp16(L->codebooks[t]);
         for (int64_t t = 0; t < a->rows; t++) L->scales[t] = 1.0f + 0.1f * lv_rng_normal(&r);
         kern_aq_dequant_ref(R->w[0], L->codes, L->codebooks, L->scales, a->rows, a->cols,
                             L->n_groups, a->M, (int)K, a->g);
@@ -247,9 +262,9 @@ static void print_gemv(const bench_gemv_args *a, const bench_gemv_result *r, int
                (long long)a->rows, (long long)a->cols, a->config, (long long)a->batch, a->threads,
                a->threads == 1 ? "" : "s", a->warm ? "warm" : "cold", r->copies,
                r->copies == 1 ? "y" : "ies", a->reps);
-        printf("  quantized (%-6s) %9.3f ms  (min %.3f)  %7.2f GB/s  %.1f MiB moved\n",
-               kern_aq_algo_name(r->algo), r->ms_quant, r->ms_quant_min, gq,
-               r->bytes_quant / 1048576.0);
+        printf("  quantized (%-6s %s) %9.3f ms  (min %.3f)  %7.2f GB/s  %.1f MiB moved\n",
+               kern_aq_algo_name(r->algo), kern_aq_isa_name(kern_aq_isa_get()), r->ms_quant,
+               r->ms_quant_min, gq, r->bytes_quant / 1048576.0);
         printf("  fp32 %-13s %9.3f ms  (min %.3f)  %7.2f GB/s  %.1f MiB moved\n",
                a->batch == 1 ? "(sgemv)" : "(sgemm)", r->ms_fp32, r->ms_fp32_min, gf,
                r->bytes_fp32 / 1048576.0);
@@ -266,7 +281,9 @@ static void print_gemv(const bench_gemv_args *a, const bench_gemv_result *r, int
     cJSON_AddNumberToObject(o, "batch", (double)a->batch);
     cJSON_AddNumberToObject(o, "threads", a->threads);
     cJSON_AddStringToObject(o, "algo", kern_aq_algo_name(r->algo));
+    cJSON_AddStringToObject(o, "isa", kern_aq_isa_name(kern_aq_isa_get()));
     cJSON_AddStringToObject(o, "cache", a->warm ? "warm" : "cold");
+    cJSON_AddBoolToObject(o, "fp16_codebooks", a->fp16_cb);
     cJSON_AddNumberToObject(o, "copies", r->copies);
     cJSON_AddNumberToObject(o, "reps", a->reps);
     cJSON_AddNumberToObject(o, "ms_quant", r->ms_quant);
@@ -302,7 +319,7 @@ int pipe_cmd_bench(int argc, char **argv)
 {
     bench_gemv_args a = {.rows = 4096, .cols = 4096, .batch = 1, .config = "2x8g8",
                          .threads = omp_get_max_threads(), .reps = 20};
-    const char *algo = "auto";
+    const char *algo = "auto", *isa = "auto";
     int json = 0;
     const pipe_opt opts[] = {
         {"rows", PIPE_OPT_I64, &a.rows, "output features of the matrix (default 4096)"},
@@ -312,6 +329,8 @@ int pipe_cmd_bench(int argc, char **argv)
         {"threads", PIPE_OPT_INT, &a.threads, "OpenMP and OpenBLAS threads (default: OMP_NUM_THREADS or all cores)"},
         {"reps", PIPE_OPT_INT, &a.reps, "timed repetitions, median reported (default 20)"},
         {"algo", PIPE_OPT_STR, &algo, "auto, lut, gather or tile (default auto)"},
+        {"isa", PIPE_OPT_STR, &isa, "hot loops of the quantized kernels: auto, portable, avx2, avx512 (default auto)"},
+        {"fp16-codebooks", PIPE_OPT_FLAG, &a.fp16_cb, "codebook values rounded to fp16, as in AQLM checkpoints"},
         {"warm", PIPE_OPT_FLAG, &a.warm, "one copy of the matrix: repetitions may hit the caches"},
         {"json", PIPE_OPT_FLAG, &json, "print one JSON object on stdout"},
     };
@@ -347,6 +366,16 @@ int pipe_cmd_bench(int argc, char **argv)
 
     lv_status st = LV_OK;
     bench_gemv_result res = {0};
+    const kern_aq_isa isas[] = {KERN_AQ_ISA_AUTO, KERN_AQ_ISA_PORTABLE, KERN_AQ_ISA_AVX2,
+                                KERN_AQ_ISA_AVX512};
+    size_t k_isa = 0;
+    while (k_isa < 4 && strcmp(isa, kern_aq_isa_name(isas[k_isa]))) k_isa++;
+    if (k_isa == 4) {
+        fprintf(stderr, "llmvq bench: --isa must be auto, portable, avx2 or avx512, not '%s'\n",
+                isa);
+        return PIPE_EXIT_USAGE;
+    }
+    LV_TRY(kern_aq_isa_set(isas[k_isa]));
     LV_TRY(bench_gemv_run(&a, &res));
     print_gemv(&a, &res, json);
 done:

@@ -12,7 +12,13 @@
  * relative difference (|fast - ref| / S) is printed per case.
  * Determinism: each algorithm gives the same bits with 1 and 2 OpenMP threads (TILE's
  * sgemm runs on OpenBLAS's own threads, whose count can change its bits, as for any
- * sgemm; the test keeps OPENBLAS_NUM_THREADS as ctest sets it, 1). */
+ * sgemm; the test keeps OPENBLAS_NUM_THREADS as ctest sets it, 1).
+ * ISAs (test_isa_paths): LUT and GATHER with the portable loops are held to TOL_QMM_REL
+ * against the reference, and the AVX2 and AVX-512 twins (where the CPU has them) must give
+ * the portable bits, for every config, batches 1..8, shapes cut against the 256-row tiles,
+ * the 32-row registers and the 32/64-element transposes, and fp16-exact 1x16g8 / 1x12g8
+ * codebooks (GATHER's fp16 copy) with and without one inexact value. No reduced-precision
+ * path: the tolerance is the fp32 one, TOL_QMM_REL = 1e-5. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -173,6 +179,108 @@ static void test_ws_reuse(void **state)
     lv_aq_layer_free(&B);
 }
 
+/* The ISA paths of LUT and GATHER (kern_aq_isa_set: portable C, AVX2 gathers/loads,
+ * AVX-512 word permutes) on every config, batches 1..8 and shapes that are multiples of
+ * neither the row tiles (256, 32-row registers) nor the element chunks (32, 64): each
+ * available ISA must give the bits of the portable path, and the portable path must be
+ * within TOL_QMM_REL of the reference. An ISA this CPU lacks is refused
+ * (LV_ERR_UNSUPPORTED) and skipped. */
+/* v rounded to an fp16 value (nearest even on 10 mantissa bits; |v| < 2^-14: 0). */
+static float round_fp16(float v)
+{
+    if (fabsf(v) < 6.103515625e-05f) return 0.0f;
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    u = (u + 0xFFFu + ((u >> 13) & 1u)) & ~0x1FFFu;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* fp16: 0 as made; 1 every codebook value rounded to fp16 (the fp16 codebook copy of
+ * GATHER for 1xBg8, B >= 12); 2 the same but for the last value (not an fp16: the fp32
+ * codebook is used). */
+static void isa_case(int64_t d_out, int64_t d_in, int M, int nbits, int g, int64_t n,
+                     uint64_t seed, int fp16)
+{
+    lv_rng r;
+    lv_rng_seed(&r, seed);
+    lv_aq_layer L = {0};
+    make_layer(&L, &r, d_out, d_in, M, nbits, g);
+    const int64_t n_cb = (int64_t)M * ((int64_t)1 << nbits) * g;
+    for (int64_t t = 0; fp16 && t < n_cb; t++) L.codebooks[t] = round_fp16(L.codebooks[t]);
+    if (fp16 == 2) L.codebooks[n_cb - 1] = 0.1f; /* not an fp16 */
+    const int64_t ny = n * d_out;
+    float *x = malloc(sizeof(float) * (size_t)(n * d_in));
+    float *w = malloc(sizeof(float) * (size_t)(d_out * d_in));
+    float *ref = malloc(sizeof(float) * (size_t)ny), *base = malloc(sizeof(float) * (size_t)ny);
+    float *got = malloc(sizeof(float) * (size_t)ny);
+    double *refd = malloc(sizeof(double) * (size_t)ny);
+    assert_true(x && w && ref && base && got && refd);
+    kc_fill(&r, x, n * d_in, 1.0f, 0.1f);
+    kern_aq_dequant_ref(w, L.codes, L.codebooks, L.scales, d_out, d_in, L.n_groups, M, 1 << nbits, g);
+    assert_int_equal(kern_aq_gemm_ref(ref, x, &L, n), LV_OK);
+    for (int64_t t = 0; t < ny; t++) refd[t] = ref[t];
+    const kern_aq_algo algos[] = {KERN_AQ_LUT, KERN_AQ_GATHER};
+    const kern_aq_isa isas[] = {KERN_AQ_ISA_AVX2, KERN_AQ_ISA_AVX512};
+    for (size_t a = 0; a < 2; a++) {
+        if (algos[a] == KERN_AQ_LUT && nbits > 8) continue;
+        assert_int_equal(kern_aq_isa_set(KERN_AQ_ISA_PORTABLE), LV_OK);
+        memset(base, 0xff, sizeof(float) * (size_t)ny);
+        assert_int_equal(kern_aq_gemm_algo(base, x, &L, n, algos[a], NULL), LV_OK);
+        int64_t bad = 0;
+        double e = qm_max_rel_diff(base, refd, x, w, n, d_out, d_in, &bad);
+        assert_int_equal(bad, 0);
+        printf("  %lldx%lld %dx%dg%d%s n=%lld %-6s portable vs ref %.2g;", (long long)d_out,
+               (long long)d_in, M, nbits, g, fp16 == 1 ? " fp16 cb" : fp16 == 2 ? " fp16 cb but 1" : "",
+               (long long)n, kern_aq_algo_name(algos[a]), e);
+        for (size_t i = 0; i < 2; i++) {
+            lv_status st = kern_aq_isa_set(isas[i]);
+            if (st == LV_ERR_UNSUPPORTED) {
+                printf(" %s: not on this CPU;", kern_aq_isa_name(isas[i]));
+                continue;
+            }
+            assert_int_equal(st, LV_OK);
+            for (int thr = 1; thr <= 2; thr++) {
+                omp_set_num_threads(thr);
+                memset(got, 0xff, sizeof(float) * (size_t)ny);
+                assert_int_equal(kern_aq_gemm_algo(got, x, &L, n, algos[a], NULL), LV_OK);
+                assert_memory_equal(got, base, sizeof(float) * (size_t)ny);
+            }
+            omp_set_num_threads(1);
+            printf(" %s identical;", kern_aq_isa_name(isas[i]));
+        }
+        printf("\n");
+    }
+    assert_int_equal(kern_aq_isa_set(KERN_AQ_ISA_AUTO), LV_OK);
+    free(refd), free(got), free(base), free(ref), free(w), free(x);
+    lv_aq_layer_free(&L);
+}
+
+static void test_isa_paths(void **state)
+{
+    (void)state;
+    const int cfg[][3] = {{2, 8, 8}, {1, 8, 8}, {1, 16, 8}, {2, 8, 4}, {1, 6, 4}, {3, 5, 3}, {1, 4, 1}};
+    /* 300 rows: one full 256-row tile and a cut one, 32-row blocks and a tail of 12;
+     * d_in 1100 with g 8: 138 groups (a cut one), 276 elements for M = 2: four 64-element
+     * superchunks and a tail of 20; 40x9: fewer elements than one 32-wide chunk. */
+    const int64_t shapes[][2] = {{300, 1100}, {40, 9}, {33, 520}};
+    for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++)
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+            for (int64_t n = 1; n <= 8; n += (s == 0 ? 3 : 1))
+                isa_case(shapes[s][0], shapes[s][1], cfg[c][0], cfg[c][1], cfg[c][2], n,
+                         1100 + 100 * c + 10 * s + (uint64_t)n, 0);
+    /* GATHER's fp16 codebook copy (1xBg8, B >= 12, n = 1), and its fallback */
+    const int64_t fshapes[][2] = {{70, 1100}, {40, 9}, {33, 520}, {5, 3}};
+    for (size_t s = 0; s < sizeof fshapes / sizeof fshapes[0]; s++)
+        for (int f = 1; f <= 2; f++) {
+            isa_case(fshapes[s][0], fshapes[s][1], 1, 16, 8, 1, 2000 + 10 * s + (uint64_t)f, f);
+            isa_case(fshapes[s][0], fshapes[s][1], 1, 12, 8, 1, 2100 + 10 * s + (uint64_t)f, f);
+        }
+    assert_int_equal(kern_aq_isa_set((kern_aq_isa)42), LV_ERR_INVALID_ARG);
+    assert_string_equal(kern_aq_isa_name(KERN_AQ_ISA_AVX512), "avx512");
+    printf("  auto runs %s\n", kern_aq_isa_name(kern_aq_isa_get()));
+}
+
 static void test_invalid_args(void **state)
 {
     (void)state;
@@ -211,6 +319,7 @@ int main(void)
         cmocka_unit_test(test_1x6g4),     cmocka_unit_test(test_1x4g1),
         cmocka_unit_test(test_3x5g3),     cmocka_unit_test(test_top_codes),
         cmocka_unit_test(test_ws_reuse),  cmocka_unit_test(test_invalid_args),
+        cmocka_unit_test(test_isa_paths),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

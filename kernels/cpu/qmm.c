@@ -1,10 +1,13 @@
 /* qmm.c: products with additive-codebook (AQLM) matrices straight from the codes
  * (kern_qmm.h): the LUT, GATHER and TILE algorithms and the dequantize-then-sgemm
- * reference. Plain C loops + OpenMP, no intrinsics: the hot loops are written with
- * fixed lane counts and independent accumulators, inlined with constant M and g for the
- * common configs (always_inline, `#pragma GCC unroll`, both understood by GCC and Clang),
- * so that they vectorize / pipeline at -O2 without reassociating anything: the results
- * do not depend on the ISA the compiler targets. */
+ * reference. The reference path of each hot loop is plain C + OpenMP, written with fixed
+ * lane counts and independent accumulators, inlined with constant M and g for the common
+ * configs (always_inline, `#pragma GCC unroll`, both understood by GCC and Clang), so that
+ * it vectorizes / pipelines at -O2 without reassociating anything. Beside it, x86-64 twins
+ * compiled per function for AVX2 (+F16C) or AVX-512 F+BW (target attributes) and picked at
+ * run time (kern_aq_isa_set / __builtin_cpu_supports): same operations in the same order
+ * per output, no FMA contraction, so every ISA gives the portable path's bits (tested in
+ * test_kern_qmm.c). */
 #include <cblas.h>
 #include <limits.h>
 #include <omp.h>
@@ -16,11 +19,11 @@
 
 #define QMM_ROW_TILE 256          /* LUT: output rows per OpenMP work item */
 #define QMM_LUT_CHUNK_BYTES 16384 /* LUT: tables of one group chunk, to stay in L1 */
-#define QMM_LUT_BATCH 8           /* LUT: input rows per OpenMP work item */
 #define QMM_LANES 16              /* GATHER: lanes of the dot products */
 #define QMM_TILE_BYTES (4u << 20) /* TILE: dequantized rows per sgemm */
 #define QMM_TILE_MIN_ROWS 64
 #define QMM_AUTO_TILE_BATCH 8     /* kern_aq_algo_auto: TILE from this batch on (docs/kernels-qmm.md) */
+#define QMM_AUTO_LUT_BATCH_AVX512 16 /* ... but LUT up to this batch with the AVX-512 permutes */
 
 struct kern_aq_ws {
     float *buf; /* 64-byte aligned */
@@ -38,14 +41,19 @@ const char *kern_aq_algo_name(kern_aq_algo a)
     return "?";
 }
 
+static int qmm_isa_level(kern_aq_isa isa);
+
 kern_aq_algo kern_aq_algo_auto(const lv_aq_layer *L, int64_t n)
 {
-    if (n >= QMM_AUTO_TILE_BATCH) return KERN_AQ_TILE;
     /* A table entry replaces g multiply-adds and is read d_out / 2^nbits times on average:
      * below g = 8 or a few reads per entry, building the tables costs more than it saves. */
-    if (L && L->nbits <= 8 && L->g >= 8 && L->d_out >= ((int64_t)4 << L->nbits))
+    const int lut_ok = L && L->nbits <= 8 && L->g >= 8 && L->d_out >= ((int64_t)4 << L->nbits);
+    /* The AVX-512 LUT transposes the codes once for the whole batch and beats TILE up to
+     * n = 16 (docs/kernels-qmm.md); the others from QMM_AUTO_TILE_BATCH on. */
+    if (lut_ok && n <= QMM_AUTO_LUT_BATCH_AVX512 && qmm_isa_level(kern_aq_isa_get()) >= 2)
         return KERN_AQ_LUT;
-    return KERN_AQ_GATHER;
+    if (n >= QMM_AUTO_TILE_BATCH) return KERN_AQ_TILE;
+    return lut_ok ? KERN_AQ_LUT : KERN_AQ_GATHER;
 }
 
 lv_status kern_aq_ws_init(kern_aq_ws **ws)
@@ -124,11 +132,75 @@ done:
     return st;
 }
 
-/* ------------------------------------------------------------------ LUT */
+/* ------------------------------------------------------------------ ISA dispatch */
 
 /* Inlined into callers that pass constants (M, lane counts), so that the loops over
  * them unroll and their accumulators stay in registers. */
 #define QMM_INLINE static inline __attribute__((always_inline))
+
+/* The AVX2 twins of the hot loops below are compiled with target("avx2") only (no FMA:
+ * the ISO C build contracts nothing, and neither may they) and do the same operations in
+ * the same order per lane as the portable loops: both paths give the same bits (tested). */
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define QMM_HAVE_AVX2 1
+#include <immintrin.h>
+#define QMM_AVX2 __attribute__((target("avx2")))
+#else
+#define QMM_HAVE_AVX2 0
+#endif
+
+static kern_aq_isa qmm_isa_chosen = KERN_AQ_ISA_AUTO; /* kern_aq_isa_set */
+
+/* 2: AVX-512 F + BW (and AVX2), 1: AVX2 + F16C, 0: neither (or a build without them). */
+static int qmm_cpu_level(void)
+{
+#if QMM_HAVE_AVX2
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c")) return 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 2 : 1;
+#else
+    return 0;
+#endif
+}
+
+static int qmm_isa_level(kern_aq_isa isa)
+{
+    return isa == KERN_AQ_ISA_AVX512 ? 2 : isa == KERN_AQ_ISA_AVX2 ? 1 : 0;
+}
+
+const char *kern_aq_isa_name(kern_aq_isa isa)
+{
+    switch (isa) {
+    case KERN_AQ_ISA_AUTO: return "auto";
+    case KERN_AQ_ISA_PORTABLE: return "portable";
+    case KERN_AQ_ISA_AVX2: return "avx2";
+    case KERN_AQ_ISA_AVX512: return "avx512";
+    }
+    return "?";
+}
+
+lv_status kern_aq_isa_set(kern_aq_isa isa)
+{
+    lv_status st = LV_OK;
+    if (isa != KERN_AQ_ISA_AUTO && isa != KERN_AQ_ISA_PORTABLE && isa != KERN_AQ_ISA_AVX2 &&
+        isa != KERN_AQ_ISA_AVX512)
+        LV_FAIL(LV_ERR_INVALID_ARG, "kern_aq_isa_set: unknown ISA %d", (int)isa);
+    if (qmm_isa_level(isa) > qmm_cpu_level())
+        LV_FAIL(LV_ERR_UNSUPPORTED, "kern_aq_isa_set: this CPU (or build) has no %s",
+                kern_aq_isa_name(isa));
+    qmm_isa_chosen = isa;
+done:
+    return st;
+}
+
+kern_aq_isa kern_aq_isa_get(void)
+{
+    if (qmm_isa_chosen != KERN_AQ_ISA_AUTO) return qmm_isa_chosen;
+    const int lv = qmm_cpu_level();
+    return lv == 2 ? KERN_AQ_ISA_AVX512 : lv == 1 ? KERN_AQ_ISA_AVX2 : KERN_AQ_ISA_PORTABLE;
+}
+
+/* ------------------------------------------------------------------ LUT */
 
 /* t (K) = sum_a xi[a] * c[a, :] over a < len, in order of a; c (len, K) row stride K.
  * Blocks of 16 entries kept in registers across a (K >= 16 is a multiple of 16). */
@@ -149,10 +221,31 @@ static void lut_group(float *t, const float *xi, const float *c, int len, int K)
     }
 }
 
+#if QMM_HAVE_AVX2
+/* lut_group for K a multiple of 16: 16 entries held in two registers across a. */
+QMM_AVX2 static void lut_group_avx2(float *t, const float *xi, const float *c, int len, int K)
+{
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        __m256 x0 = _mm256_set1_ps(xi[0]);
+        __m256 a0 = _mm256_mul_ps(x0, _mm256_loadu_ps(c + k0));
+        __m256 a1 = _mm256_mul_ps(x0, _mm256_loadu_ps(c + k0 + 8));
+        for (int a = 1; a < len; a++) {
+            const float *ca = c + (int64_t)a * K + k0;
+            __m256 xa = _mm256_set1_ps(xi[a]);
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(xa, _mm256_loadu_ps(ca)));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(xa, _mm256_loadu_ps(ca + 8)));
+        }
+        _mm256_storeu_ps(t + k0, a0);
+        _mm256_storeu_ps(t + k0 + 8, a1);
+    }
+}
+#endif
+
 /* lut (n, n_groups, M, K): LUT[b, i, m, k] = sum_a x[b, i*g + a] * codebooks[m, k, a] over
  * the group's columns, in order of a. cbt (M, g, K) is the codebooks transposed so that
  * the loop over k is contiguous (vectorized; each k still sums over a in order). */
-static void lut_build(float *lut, float *cbt, const float *x, const lv_aq_layer *L, int64_t n)
+static void lut_build(float *lut, float *cbt, const float *x, const lv_aq_layer *L, int64_t n,
+                      int avx2)
 {
     const int M = L->M, K = 1 << L->nbits, g = L->g;
     const int64_t G = L->n_groups, d_in = L->d_in;
@@ -160,106 +253,274 @@ static void lut_build(float *lut, float *cbt, const float *x, const lv_aq_layer 
         for (int k = 0; k < K; k++)
             for (int a = 0; a < g; a++)
                 cbt[((int64_t)m * g + a) * K + k] = L->codebooks[((int64_t)m * K + k) * g + a];
+    (void)avx2;
 #pragma omp parallel for schedule(static)
     for (int64_t bi = 0; bi < n * G; bi++) {
         const int64_t b = bi / G, i = bi % G;
         const int len = (int)(d_in - i * g < g ? d_in - i * g : g); /* last group may be cut */
-        for (int m = 0; m < M; m++)
-            lut_group(lut + (bi * M + m) * K, x + b * d_in + i * g, cbt + (int64_t)m * g * K,
-                      len, K);
-    }
-}
-
-/* a + sum over n groups of one row of sum_m T[m, c[m]]: groups in order, each one's
- * codebooks in order of m. T (n, M, K), c (n, M). */
-QMM_INLINE float lut_groups(float a, const float *T, const uint16_t *c, int64_t n, const int M,
-                            const int K)
-{
-    for (int64_t q = 0; q < n; q++) {
-        float t = T[q * M * K + c[q * M]];
-#pragma GCC unroll 4
-        for (int m = 1; m < M; m++) t += T[(q * M + m) * K + c[q * M + m]];
-        a += t;
-    }
-    return a;
-}
-
-/* acc[0..4) += the groups i0..i1 of four rows whose codes start at c (row stride cs),
- * the arithmetic of lut_groups: four independent chains in flight. (Reading the codes
- * of several groups with one wide load was tried: no faster, the loop is bound by the
- * table reads, about one per cycle.) */
-QMM_INLINE void lut_rows4(float *acc, const uint16_t *c, int64_t cs, const float *tab,
-                          int64_t i0, int64_t i1, const int M, const int K)
-{
-    const uint16_t *c0 = c, *c1 = c + cs, *c2 = c + 2 * cs, *c3 = c + 3 * cs;
-    float a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    for (int64_t i = i0; i < i1; i++) {
-        const float *T = tab + i * M * K; // (M, K)
-        const int64_t o = i * M;
-        a0 = lut_groups(a0, T, c0 + o, 1, M, K);
-        a1 = lut_groups(a1, T, c1 + o, 1, M, K);
-        a2 = lut_groups(a2, T, c2 + o, 1, M, K);
-        a3 = lut_groups(a3, T, c3 + o, 1, M, K);
-    }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
-}
-
-/* y[b0 + b, r0..r1) for nb <= QMM_LUT_BATCH input rows from their tables lut (n, n_groups,
- * M, K), y (n, d_out). */
-QMM_INLINE void lut_tile(float *y, const float *lut, const lv_aq_layer *L, int64_t b0, int nb,
-                         int64_t r0, int64_t r1, const int M)
-{
-    const int K = 1 << L->nbits;
-    const int64_t G = L->n_groups, cs = G * M, d_out = L->d_out; /* cs: codes per row */
-    int64_t chunk = QMM_LUT_CHUNK_BYTES / ((int64_t)M * K * (int64_t)sizeof(float));
-    if (chunk < 1) chunk = 1;
-    float acc[QMM_LUT_BATCH][QMM_ROW_TILE] = {{0}};
-    /* Group chunks outside, batch rows then output rows inside: a chunk's tables stay in
-     * L1 while all rows of the tile read them, the tile's codes stay in L2 across the
-     * batch; each output still sums its groups in order. */
-    for (int64_t i0 = 0; i0 < G; i0 += chunk) {
-        const int64_t i1 = i0 + chunk < G ? i0 + chunk : G;
-        for (int b = 0; b < nb; b++) {
-            const float *tab = lut + (b0 + b) * G * M * K; // (n_groups, M, K)
-            float *ab = acc[b];
-            int64_t r = r0;
-            for (; r + 4 <= r1; r += 4)
-                lut_rows4(ab + (r - r0), L->codes + r * cs, cs, tab, i0, i1, M, K);
-            for (; r < r1; r++)
-                ab[r - r0] = lut_groups(ab[r - r0], tab + i0 * M * K, L->codes + r * cs + i0 * M,
-                                        i1 - i0, M, K);
+        for (int m = 0; m < M; m++) {
+            float *t = lut + (bi * M + m) * K;
+            const float *xi = x + b * d_in + i * g, *c = cbt + (int64_t)m * g * K;
+#if QMM_HAVE_AVX2
+            if (avx2 && K % 16 == 0) {
+                lut_group_avx2(t, xi, c, len, K);
+                continue;
+            }
+#endif
+            lut_group(t, xi, c, len, K);
         }
     }
-    for (int b = 0; b < nb; b++)
-        for (int64_t r = r0; r < r1; r++)
-            y[(b0 + b) * d_out + r] = (L->scales ? L->scales[r] : 1.0f) * acc[b][r - r0];
+}
+
+/* The sum of one row: with e = i*M + m running over the row's n_groups*M codes c (flat),
+ * y[r] = s_r * (((LUT[0, c[0]] + LUT[1, c[1]]) + LUT[2, c[2]]) + ...): one sum per row, in
+ * order of e, from 0. Rows go several at a time (independent sums in flight) inside chunks
+ * of e whose tables stay in L1, their sums waiting in acc between chunks. */
+
+/* acc[0..nr) += the entries e0..e1 of rows whose codes start at c (row stride cs) from
+ * the tables tab (E, K). */
+static void lut_rows(float *acc, const uint16_t *c, int64_t cs, int64_t nr, const float *tab,
+                     int64_t e0, int64_t e1, int K)
+{
+    int64_t r = 0;
+    /* Eight rows through named pointers and sums (arrays of them were kept in memory) */
+    for (; r + 8 <= nr; r += 8) {
+        const uint16_t *c0 = c + r * cs, *c1 = c0 + cs, *c2 = c1 + cs, *c3 = c2 + cs;
+        const uint16_t *c4 = c3 + cs, *c5 = c4 + cs, *c6 = c5 + cs, *c7 = c6 + cs;
+        float a0 = acc[r], a1 = acc[r + 1], a2 = acc[r + 2], a3 = acc[r + 3];
+        float a4 = acc[r + 4], a5 = acc[r + 5], a6 = acc[r + 6], a7 = acc[r + 7];
+        const float *T = tab + e0 * K;
+        for (int64_t e = e0; e < e1; e++, T += K) {
+            a0 += T[c0[e]], a1 += T[c1[e]], a2 += T[c2[e]], a3 += T[c3[e]];
+            a4 += T[c4[e]], a5 += T[c5[e]], a6 += T[c6[e]], a7 += T[c7[e]];
+        }
+        acc[r] = a0, acc[r + 1] = a1, acc[r + 2] = a2, acc[r + 3] = a3;
+        acc[r + 4] = a4, acc[r + 5] = a5, acc[r + 6] = a6, acc[r + 7] = a7;
+    }
+    for (; r < nr; r++) {
+        float a = acc[r];
+        for (int64_t e = e0; e < e1; e++) a += tab[e * K + c[r * cs + e]];
+        acc[r] = a;
+    }
+}
+
+#if QMM_HAVE_AVX2
+/* AVX-512 (F + BW) LUT: 32 rows per register, their 16-bit codes as the index of word
+ * permutes (vpermi2w: 64 entries of two registers) over the element's table held in 16
+ * registers: the fp32 entries split into their high and low 16 bits (planes (E, 2, 256)
+ * u16: the table padded to 256 entries), four permutes and three blends per plane select
+ * the words, two unpacks rebuild the exact fp32 entries. 32 lookups in about 20
+ * instructions, no gather. The codes are transposed on the fly, 32 elements of QMM_ROW_TILE
+ * rows at a time, into ct (32, QMM_ROW_TILE) u16 by 8x8 word transposes. The adds are those
+ * of lut_rows (one sum per row, in order of e): the same bits. */
+#define QMM_AVX512 __attribute__((target("avx2,avx512f,avx512bw")))
+#define QMM_PERM_EC 32 /* elements per transposed chunk */
+#define QMM_PERM_SC 64 /* elements per transposed superchunk (ct: 32 KiB) */
+#define QMM_PERM_PFD 1 /* superchunks ahead whose codes are prefetched */
+
+/* ct (e1 - e0, QMM_ROW_TILE) = the codes e0..e1 (multiples of QMM_PERM_EC apart) of nv (a
+ * multiple of 32) rows. Rows 32 at a time, each read along e (a few streams for the
+ * hardware prefetchers), so that each line of ct is written whole while in L1. */
+QMM_AVX512 static void lut_transpose_avx512(uint16_t *ct, const uint16_t *c, int64_t cs,
+                                            int64_t nv, int64_t e0, int64_t e1)
+{
+    /* The same rows' codes QMM_PERM_PFD superchunks on are asked for now (into L1, 32 KiB;
+     * into L2 or two superchunks on was slower): they arrive from memory in time. */
+    const int64_t pf = QMM_PERM_PFD * QMM_PERM_SC, pf_end = cs - pf;
+    for (int64_t r32 = 0; r32 < nv; r32 += 32)
+        for (int64_t e = e0; e < e1; e += QMM_PERM_EC)
+            for (int64_t r = r32; r < r32 + 32; r += 8) {
+                __m512i a[8], t[8], u[8];
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++) a[k] = _mm512_loadu_si512(c + (r + k) * cs + e);
+                if (e + QMM_PERM_EC <= pf_end)
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++)
+                        _mm_prefetch((const char *)(c + (r + k) * cs + e + pf), _MM_HINT_T0);
+#pragma GCC unroll 4
+                for (int k = 0; k < 4; k++) {
+                    t[2 * k] = _mm512_unpacklo_epi16(a[2 * k], a[2 * k + 1]);
+                    t[2 * k + 1] = _mm512_unpackhi_epi16(a[2 * k], a[2 * k + 1]);
+                }
+                /* u[j] (j < 4): elements 2j, 2j+1 of rows 0-3; u[4 + j]: the same of rows 4-7 */
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    u[4 * h + 0] = _mm512_unpacklo_epi32(t[4 * h + 0], t[4 * h + 2]);
+                    u[4 * h + 1] = _mm512_unpackhi_epi32(t[4 * h + 0], t[4 * h + 2]);
+                    u[4 * h + 2] = _mm512_unpacklo_epi32(t[4 * h + 1], t[4 * h + 3]);
+                    u[4 * h + 3] = _mm512_unpackhi_epi32(t[4 * h + 1], t[4 * h + 3]);
+                }
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    /* element 2j (+1) of rows 0-7; 128-bit lane L: element 8L + 2j (+1) */
+                    const __m512i v0 = _mm512_unpacklo_epi64(u[j], u[4 + j]);
+                    const __m512i v1 = _mm512_unpackhi_epi64(u[j], u[4 + j]);
+                    uint16_t *d0 = ct + (e - e0 + 2 * j) * QMM_ROW_TILE + r, *d1 = d0 + QMM_ROW_TILE;
+                    const int64_t s8 = 8 * QMM_ROW_TILE;
+                    _mm_storeu_si128((__m128i *)d0, _mm512_castsi512_si128(v0));
+                    _mm_storeu_si128((__m128i *)(d0 + s8), _mm512_extracti32x4_epi32(v0, 1));
+                    _mm_storeu_si128((__m128i *)(d0 + 2 * s8), _mm512_extracti32x4_epi32(v0, 2));
+                    _mm_storeu_si128((__m128i *)(d0 + 3 * s8), _mm512_extracti32x4_epi32(v0, 3));
+                    _mm_storeu_si128((__m128i *)d1, _mm512_castsi512_si128(v1));
+                    _mm_storeu_si128((__m128i *)(d1 + s8), _mm512_extracti32x4_epi32(v1, 1));
+                    _mm_storeu_si128((__m128i *)(d1 + 2 * s8), _mm512_extracti32x4_epi32(v1, 2));
+                    _mm_storeu_si128((__m128i *)(d1 + 3 * s8), _mm512_extracti32x4_epi32(v1, 3));
+                }
+            }
+}
+
+/* acc[0..nv) += the entries of the ne elements whose planes start at tp, for the
+ * transposed codes ct; nv a multiple of 32. The sums come out in the unpacks' order (rows
+ * 0-3, 8-11, 16-19, 24-27, then 4-7, ...); accp keeps them so, lut_perm_row maps back. */
+QMM_AVX512 static void lut_perm_avx512(float *accp, const uint16_t *ct, int64_t nv,
+                                       const uint16_t *tp, int64_t ne)
+{
+    const __m512i b6 = _mm512_set1_epi16(64), b7 = _mm512_set1_epi16(128);
+    for (int64_t e = 0; e < ne; e++) {
+        const uint16_t *t = tp + (int64_t)e * 512; // (2, 256): high words, low words
+        __m512i h[8], l[8];
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) h[k] = _mm512_loadu_si512(t + 32 * k);
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) l[k] = _mm512_loadu_si512(t + 256 + 32 * k);
+        const uint16_t *ce = ct + (int64_t)e * QMM_ROW_TILE;
+        for (int64_t r = 0; r < nv; r += 32) {
+            const __m512i idx = _mm512_loadu_si512(ce + r);
+            const __mmask32 m6 = _mm512_test_epi16_mask(idx, b6), m7 = _mm512_test_epi16_mask(idx, b7);
+            const __m512i hh = _mm512_mask_blend_epi16(
+                m7,
+                _mm512_mask_blend_epi16(m6, _mm512_permutex2var_epi16(h[0], idx, h[1]),
+                                        _mm512_permutex2var_epi16(h[2], idx, h[3])),
+                _mm512_mask_blend_epi16(m6, _mm512_permutex2var_epi16(h[4], idx, h[5]),
+                                        _mm512_permutex2var_epi16(h[6], idx, h[7])));
+            const __m512i ll = _mm512_mask_blend_epi16(
+                m7,
+                _mm512_mask_blend_epi16(m6, _mm512_permutex2var_epi16(l[0], idx, l[1]),
+                                        _mm512_permutex2var_epi16(l[2], idx, l[3])),
+                _mm512_mask_blend_epi16(m6, _mm512_permutex2var_epi16(l[4], idx, l[5]),
+                                        _mm512_permutex2var_epi16(l[6], idx, l[7])));
+            float *a = accp + r;
+            _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a),
+                                              _mm512_castsi512_ps(_mm512_unpacklo_epi16(ll, hh))));
+            _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16),
+                                                   _mm512_castsi512_ps(_mm512_unpackhi_epi16(ll, hh))));
+        }
+    }
+}
+
+/* planes (E, 2, 256) u16 from the tables lut (E, K): high and low 16 bits of each entry,
+ * entries K..255 zero. */
+QMM_AVX512 static void lut_planes_avx512(uint16_t *tp, const float *lut, int64_t e0, int64_t e1,
+                                         int K)
+{
+    for (int64_t e = e0; e < e1; e++) {
+        uint16_t *t = tp + e * 512;
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {
+            const __m512i v = _mm512_loadu_si512(lut + e * K + k);
+            _mm256_storeu_si256((__m256i *)(t + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+            _mm256_storeu_si256((__m256i *)(t + 256 + k), _mm512_cvtepi32_epi16(v));
+        }
+        for (; k < K; k++) {
+            uint32_t u;
+            memcpy(&u, lut + e * K + k, sizeof u);
+            t[k] = (uint16_t)(u >> 16);
+            t[256 + k] = (uint16_t)u;
+        }
+        for (; k < 256; k++) t[k] = t[256 + k] = 0;
+    }
+}
+
+static void lut_planes(uint16_t *tp, const float *lut, int64_t E, int K)
+{
+    const int64_t blk = 64;
+#pragma omp parallel for schedule(static)
+    for (int64_t e0 = 0; e0 < E; e0 += blk)
+        lut_planes_avx512(tp, lut, e0, e0 + blk < E ? e0 + blk : E, K);
+}
+
+/* Row p of a block of 32 in accp holds the sum of row lut_perm_row(p). */
+static inline int lut_perm_row(int p)
+{
+    /* unpacklo: 128-bit lane L holds rows 8L..8L+3; unpackhi: rows 8L+4..8L+7 */
+    return p < 16 ? (p / 4) * 8 + p % 4 : ((p - 16) / 4) * 8 + 4 + p % 4;
+}
+#endif
+
+/* y[b, r0..r1) for the n input rows from their tables lut (n, E, K) (and planes tp (n, E,
+ * 2, 256) when isa >= 2); scratch acc of n * 2 * QMM_ROW_TILE floats, ct of QMM_PERM_SC *
+ * QMM_ROW_TILE u16. The codes of a superchunk are transposed once for all n rows. */
+static void lut_tile(float *y, const float *lut, const uint16_t *tp, const lv_aq_layer *L,
+                     int64_t n, int64_t r0, int64_t r1, float *acc, uint16_t *ct, int isa)
+{
+    const int K = 1 << L->nbits;
+    const int64_t E = L->n_groups * L->M, nr = r1 - r0, d_out = L->d_out;
+    const uint16_t *c = L->codes + r0 * E;
+    int64_t chunk = QMM_LUT_CHUNK_BYTES / ((int64_t)K * (int64_t)sizeof(float));
+    if (chunk < 1) chunk = 1;
+    memset(acc, 0, sizeof(float) * (size_t)(n * 2 * QMM_ROW_TILE));
+    int64_t nv = 0; /* rows done by the AVX-512 permutes: all elements of rows [0, nv) */
+    (void)tp, (void)ct, (void)isa;
+#if QMM_HAVE_AVX2
+    if (isa >= 2 && E >= QMM_PERM_EC) {
+        nv = nr / 32 * 32;
+        const int64_t full = E / QMM_PERM_EC * QMM_PERM_EC;
+        for (int64_t e0 = 0; e0 < full; e0 += QMM_PERM_SC) {
+            const int64_t e1 = e0 + QMM_PERM_SC < full ? e0 + QMM_PERM_SC : full;
+            lut_transpose_avx512(ct, c, E, nv, e0, e1);
+            for (int64_t b = 0; b < n; b++)
+                lut_perm_avx512(acc + (2 * b + 1) * QMM_ROW_TILE, ct, nv, tp + (b * E + e0) * 512,
+                                e1 - e0);
+        }
+        for (int64_t b = 0; b < n; b++) {
+            float *ab = acc + 2 * b * QMM_ROW_TILE, *accp = ab + QMM_ROW_TILE;
+            for (int64_t p = 0; p < nv; p++) ab[p / 32 * 32 + lut_perm_row((int)(p % 32))] = accp[p];
+            lut_rows(ab, c, E, nv, lut + b * E * K, full, E, K); /* the last E % 32 elements */
+        }
+    }
+#endif
+    for (int64_t b = 0; b < n; b++) {
+        float *ab = acc + 2 * b * QMM_ROW_TILE;
+        for (int64_t e0 = 0; e0 < E; e0 += chunk) {
+            const int64_t e1 = e0 + chunk < E ? e0 + chunk : E;
+            lut_rows(ab + nv, c + nv * E, E, nr - nv, lut + b * E * K, e0, e1, K);
+        }
+        for (int64_t r = 0; r < nr; r++)
+            y[b * d_out + r0 + r] = (L->scales ? L->scales[r0 + r] : 1.0f) * ab[r];
+    }
 }
 
 static lv_status gemm_lut(float *y, const float *x, const lv_aq_layer *L, int64_t n,
-                          kern_aq_ws *ws)
+                          kern_aq_ws *ws, int isa)
 {
     lv_status st = LV_OK;
     const int M = L->M, K = 1 << L->nbits, g = L->g;
-    const int64_t G = L->n_groups, d_out = L->d_out;
-    const size_t n_cbt = (size_t)M * g * K, n_lut = (size_t)n * G * M * K;
+    const int64_t G = L->n_groups, d_out = L->d_out, E = G * M;
+    const int perm = isa >= 2 && E >= QMM_PERM_EC;
+    const size_t n_cbt = ((size_t)M * g * K + 15) & ~(size_t)15;
+    const size_t n_lut = ((size_t)n * E * K + 15) & ~(size_t)15;
+    const size_t n_tp = perm ? (size_t)n * E * 256 : 0; /* floats: (n, E, 2, 256) u16 */
+    /* per thread: acc (n, 2, QMM_ROW_TILE) floats, ct (QMM_PERM_SC, QMM_ROW_TILE) u16 */
+    const size_t n_thr = (size_t)n * 2 * QMM_ROW_TILE + QMM_ROW_TILE * QMM_PERM_SC / 2;
     float *buf = NULL;
-    LV_TRY(ws_reserve(ws, n_cbt + ((n_lut + 15) & ~(size_t)15), &buf));
-    float *lut = buf, *cbt = buf + ((n_lut + 15) & ~(size_t)15);
-    lut_build(lut, cbt, x, L, n);
+    LV_TRY(ws_reserve(ws, n_lut + n_cbt + n_tp + (size_t)omp_get_max_threads() * n_thr, &buf));
+    float *lut = buf, *cbt = buf + n_lut, *thr = cbt + n_cbt + n_tp;
+    uint16_t *tp = (uint16_t *)(cbt + n_cbt);
+    lut_build(lut, cbt, x, L, n, isa >= 1);
+#if QMM_HAVE_AVX2
+    if (perm) lut_planes(tp, lut, n * E, K);
+#endif
     const int64_t n_tiles = (d_out + QMM_ROW_TILE - 1) / QMM_ROW_TILE;
-    const int64_t n_bblk = (n + QMM_LUT_BATCH - 1) / QMM_LUT_BATCH;
-#pragma omp parallel for schedule(static)
-    for (int64_t bt = 0; bt < n_bblk * n_tiles; bt++) {
-        const int64_t b0 = bt / n_tiles * QMM_LUT_BATCH, r0 = (bt % n_tiles) * QMM_ROW_TILE;
-        const int64_t r1 = r0 + QMM_ROW_TILE < d_out ? r0 + QMM_ROW_TILE : d_out;
-        const int nb = (int)(n - b0 < QMM_LUT_BATCH ? n - b0 : QMM_LUT_BATCH);
-        /* Constant M for the common configs so the inner loop over m unrolls. */
-        if (M == 1)
-            lut_tile(y, lut, L, b0, nb, r0, r1, 1);
-        else if (M == 2)
-            lut_tile(y, lut, L, b0, nb, r0, r1, 2);
-        else
-            lut_tile(y, lut, L, b0, nb, r0, r1, M);
+#pragma omp parallel
+    {
+        float *acc = thr + (size_t)omp_get_thread_num() * n_thr;
+        uint16_t *ct = (uint16_t *)(acc + n * 2 * QMM_ROW_TILE);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_tiles; t++) {
+            const int64_t r0 = t * QMM_ROW_TILE;
+            const int64_t r1 = r0 + QMM_ROW_TILE < d_out ? r0 + QMM_ROW_TILE : d_out;
+            lut_tile(y, lut, tp, L, n, r0, r1, acc, ct, isa);
+        }
     }
 done:
     return st;
@@ -332,16 +593,37 @@ static float dot_lanes(const float *x, const float *w, int64_t n)
 
 /* dot_lanes(x, w) for w = decode_row(..., 1) of codes c (n_groups, M), with w never
  * stored: each element is formed (sum over m in order) and multiplied straight into lane
- * j % QMM_LANES in order of j, as dot_lanes does, in one pass instead of two. Only with
- * constant M and g, g | QMM_LANES: the loops then unroll and the lanes stay in registers
- * (staging lane blocks through a small buffer instead was 2-3x slower: store forwarding). */
+ * j % QMM_GLANES in order of j, in one pass instead of two; the lanes are then folded
+ * pairwise. Only with constant M and g, g | QMM_GLANES: the loops then unroll and the lanes
+ * stay in registers (staging lane blocks through a small buffer instead was 2-3x slower:
+ * store forwarding). */
+#define QMM_GLANES 16
+
+/* The tail of dot_row_gather from column j0 = i0*g (fewer than QMM_GLANES columns, the cut
+ * group too), then the fold: shared by both ISAs. */
+static float gather_tail(float *acc, const float *x, const uint16_t *c, const lv_aq_layer *L,
+                         int64_t i0)
+{
+    const int M = L->M, K = 1 << L->nbits, g = L->g;
+    const float *cb = L->codebooks;
+    for (int64_t j = i0 * g; j < L->d_in; j++) {
+        const uint16_t *cq = c + (j / g) * M;
+        float w = cb[(int64_t)cq[0] * g + j % g];
+        for (int m = 1; m < M; m++) w += cb[((int64_t)m * K + cq[m]) * g + j % g];
+        acc[j - i0 * g] += x[j] * w;
+    }
+    for (int h = QMM_GLANES / 2; h > 0; h /= 2)
+        for (int l = 0; l < h; l++) acc[l] += acc[l + h];
+    return acc[0];
+}
+
 QMM_INLINE float dot_row_gather(const float *x, const uint16_t *c, const lv_aq_layer *L,
                                 const int M, const int g)
 {
-    const int K = 1 << L->nbits, per = QMM_LANES / g; /* groups per lane block */
-    const int64_t d_in = L->d_in, full = d_in / QMM_LANES * per;
+    const int K = 1 << L->nbits, per = QMM_GLANES / g; /* groups per lane block */
+    const int64_t full = L->d_in / QMM_GLANES * per;
     const float *cb = L->codebooks; // (M, K, g)
-    float acc[QMM_LANES] = {0};
+    float acc[QMM_GLANES] = {0};
     int64_t i = 0;
     for (; i < full; i += per)
 #pragma GCC unroll 16
@@ -356,31 +638,164 @@ QMM_INLINE float dot_row_gather(const float *x, const uint16_t *c, const lv_aq_l
                 acc[q * g + a] += xq[a] * w;
             }
         }
-    for (int64_t j = i * g; j < d_in; j++) { /* under QMM_LANES columns, the cut group too */
-        const uint16_t *cq = c + (j / g) * M;
-        float w = cb[(int64_t)cq[0] * g + j % g];
-        for (int m = 1; m < M; m++) w += cb[((int64_t)m * K + cq[m]) * g + j % g];
-        acc[j - i * g] += x[j] * w;
-    }
-    return fold_lanes(acc);
+    return gather_tail(acc, x, c, L, i);
 }
 
+/* The codebooks (M * 2^nbits * g floats: 2 MiB for 1x16g8) asked for line by line before
+ * the rows start: read at streaming speed instead of one random miss to memory at a time
+ * (cold, as in a forward pass where each layer has its own codebooks). Prefetches only:
+ * no effect on the results. */
+static void prefetch_codebooks(const lv_aq_layer *L)
+{
+    const char *p = (const char *)L->codebooks;
+    const size_t bytes = sizeof(float) * (size_t)L->M * ((size_t)1 << L->nbits) * (size_t)L->g;
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
+}
+
+#if QMM_HAVE_AVX2
+/* dot_row_gather for g = 8, M = 1 or 2: lane block q (of two) is one register, four
+ * groups a step; the same adds in the same order per lane as the portable loop. */
+QMM_INLINE QMM_AVX2 float dot_row_gather_avx2(const float *x, const uint16_t *c,
+                                               const lv_aq_layer *L, const int M)
+{
+    const int64_t K = (int64_t)1 << L->nbits, full = L->d_in / QMM_GLANES * 2;
+    const float *cb = L->codebooks; // (M, K, 8)
+    /* four named sums: an array of them is kept in memory by GCC at -O2 (a store-forward
+     * chain per group, 1.7x slower) */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+#define QMM_GATHER_W(q)                                                                   \
+    (M == 2 ? _mm256_add_ps(_mm256_loadu_ps(cb + (int64_t)c[(i + q) * M] * 8),              \
+                            _mm256_loadu_ps(cb + (K + c[(i + q) * M + 1]) * 8))              \
+            : _mm256_loadu_ps(cb + (int64_t)c[i + q] * 8))
+    int64_t i = 0;
+    for (; i + 4 <= full; i += 4) {
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8), QMM_GATHER_W(0)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 8), QMM_GATHER_W(1)));
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 16), QMM_GATHER_W(2)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 24), QMM_GATHER_W(3)));
+    }
+    if (i < full) { /* one more block of two groups */
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8), QMM_GATHER_W(0)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 8), QMM_GATHER_W(1)));
+        i += 2;
+    }
+#undef QMM_GATHER_W
+    float a[QMM_GLANES];
+    _mm256_storeu_ps(a, a0), _mm256_storeu_ps(a + 8, a1);
+    return gather_tail(a, x, c, L, i);
+}
+
+QMM_AVX2 static float dot_row_gather_avx2_m1(const float *x, const uint16_t *c, const lv_aq_layer *L)
+{
+    return dot_row_gather_avx2(x, c, L, 1);
+}
+
+QMM_AVX2 static float dot_row_gather_avx2_m2(const float *x, const uint16_t *c, const lv_aq_layer *L)
+{
+    return dot_row_gather_avx2(x, c, L, 2);
+}
+
+/* fp16 copy of 1xBg8 codebooks for GATHER: half the bytes of the random codebook reads
+ * (2 MiB -> 1 MiB for 1x16g8: about an L2). Used only when every codebook value is exactly
+ * an fp16 (as in AQLM checkpoints, which store fp16 codebooks): the products are then those
+ * of the fp32 codebooks, bit for bit. Made per call (a read of the codebooks; the check
+ * stops at the first value that is not an fp16). */
+#define QMM_F16C __attribute__((target("avx2,f16c")))
+#define QMM_F16_MIN_NBITS 12 /* smaller codebooks (<= 128 KiB) stay in L2 as they are */
+
+/* h (count) = cb in fp16 and 1 when every value is exact; else 0 (h partly written).
+ * count a multiple of 8. */
+QMM_F16C static int codebooks_to_fp16(uint16_t *h, const float *cb, int64_t count)
+{
+    for (int64_t i = 0; i < count; i += 8) {
+        const __m256 v = _mm256_loadu_ps(cb + i);
+        const __m128i hv = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i same = _mm256_cmpeq_epi32(_mm256_castps_si256(_mm256_cvtph_ps(hv)),
+                                                _mm256_castps_si256(v));
+        if (_mm256_movemask_ps(_mm256_castsi256_ps(same)) != 0xFF) return 0;
+        _mm_storeu_si128((__m128i *)(h + i), hv);
+    }
+    return 1;
+}
+
+/* dot_row_gather_avx2 for M = 1 from the fp16 codebook cbh (K, 8): the same values. */
+QMM_F16C static float dot_row_gather_f16(const float *x, const uint16_t *c, const uint16_t *cbh,
+                                         const lv_aq_layer *L)
+{
+    const int64_t full = L->d_in / QMM_GLANES * 2;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+#define QMM_GATHER_H(q) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cbh + (int64_t)c[i + q] * 8)))
+    int64_t i = 0;
+    for (; i + 4 <= full; i += 4) {
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8), QMM_GATHER_H(0)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 8), QMM_GATHER_H(1)));
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 16), QMM_GATHER_H(2)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 24), QMM_GATHER_H(3)));
+    }
+    if (i < full) {
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8), QMM_GATHER_H(0)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 8), QMM_GATHER_H(1)));
+        i += 2;
+    }
+#undef QMM_GATHER_H
+    float a[QMM_GLANES];
+    _mm256_storeu_ps(a, a0), _mm256_storeu_ps(a + 8, a1);
+    return gather_tail(a, x, c, L, i); /* the tail from the fp32 codebook: same values */
+}
+
+/* y (d_out) for n = 1, g = 8, M <= 2; cbh: the fp16 codebook (M = 1) or NULL. */
+static void gather_rows_avx2(float *y, const float *x, const lv_aq_layer *L, const uint16_t *cbh)
+{
+    const int64_t cs = L->n_groups * L->M;
+#pragma omp parallel
+    {
+        if (!cbh) prefetch_codebooks(L);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < L->d_out; r++) {
+            const uint16_t *c = L->codes + r * cs;
+            const float dot = cbh          ? dot_row_gather_f16(x, c, cbh, L)
+                              : L->M == 1 ? dot_row_gather_avx2_m1(x, c, L)
+                                          : dot_row_gather_avx2_m2(x, c, L);
+            y[r] = (L->scales ? L->scales[r] : 1.0f) * dot;
+        }
+    }
+}
+#endif
+
 static lv_status gemm_gather(float *y, const float *x, const lv_aq_layer *L, int64_t n,
-                             kern_aq_ws *ws)
+                             kern_aq_ws *ws, int avx2)
 {
     lv_status st = LV_OK;
     const int M = L->M, g = L->g;
     const int64_t d_in = L->d_in, d_out = L->d_out, cs = L->n_groups * M;
     const int64_t stride = (d_in + 15) & ~(int64_t)15;
     const int fused = n == 1 && ((g == 8 && M <= 2) || (g == 4 && M == 1));
+    (void)avx2;
+#if QMM_HAVE_AVX2
+    if (fused && avx2 && g == 8) {
+        const uint16_t *cbh = NULL;
+        if (M == 1 && L->nbits >= QMM_F16_MIN_NBITS) {
+            const int64_t count = ((int64_t)8 << L->nbits);
+            float *h = NULL;
+            LV_TRY(ws_reserve(ws, (size_t)count / 2, &h));
+            if (codebooks_to_fp16((uint16_t *)h, L->codebooks, count)) cbh = (const uint16_t *)h;
+        }
+        gather_rows_avx2(y, x, L, cbh);
+        goto done;
+    }
+#endif
     if (fused) { /* 1xBg8, 2xBg8, 1xBg4 (any B): one pass per row, nothing stored */
-#pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < d_out; r++) {
-            const uint16_t *c = L->codes + r * cs;
-            float dot = M == 1 && g == 8   ? dot_row_gather(x, c, L, 1, 8)
-                        : M == 2 && g == 8 ? dot_row_gather(x, c, L, 2, 8)
-                                           : dot_row_gather(x, c, L, 1, 4);
-            y[r] = (L->scales ? L->scales[r] : 1.0f) * dot;
+#pragma omp parallel
+        {
+            prefetch_codebooks(L);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < d_out; r++) {
+                const uint16_t *c = L->codes + r * cs;
+                float dot = M == 1 && g == 8   ? dot_row_gather(x, c, L, 1, 8)
+                            : M == 2 && g == 8 ? dot_row_gather(x, c, L, 2, 8)
+                                               : dot_row_gather(x, c, L, 1, 4);
+                y[r] = (L->scales ? L->scales[r] : 1.0f) * dot;
+            }
         }
         goto done;
     }
@@ -444,13 +859,14 @@ lv_status kern_aq_gemm_algo(float *y, const float *x, const lv_aq_layer *L, int6
     if (algo != KERN_AQ_LUT && algo != KERN_AQ_GATHER && algo != KERN_AQ_TILE)
         LV_FAIL(LV_ERR_INVALID_ARG, "kern_aq_gemm: unknown algorithm %d", (int)algo);
     if (n == 0 || L->d_out == 0) goto done;
+    const int isa = qmm_isa_level(kern_aq_isa_get());
     if (!ws) {
         LV_TRY(kern_aq_ws_init(&own));
         ws = own;
     }
     switch (algo) {
-    case KERN_AQ_LUT: LV_TRY(gemm_lut(y, x, L, n, ws)); break;
-    case KERN_AQ_GATHER: LV_TRY(gemm_gather(y, x, L, n, ws)); break;
+    case KERN_AQ_LUT: LV_TRY(gemm_lut(y, x, L, n, ws, isa)); break;
+    case KERN_AQ_GATHER: LV_TRY(gemm_gather(y, x, L, n, ws, isa >= 1)); break;
     default: LV_TRY(gemm_tile(y, x, L, n, ws)); break;
     }
 done:
