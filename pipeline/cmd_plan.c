@@ -37,6 +37,10 @@ typedef struct {
     stage_aqlm_config acfg;
     int ft_enable;
     stage_ft_config ft;
+    int share_model;    /* quant.share_codebooks = model */
+    int pv_enable;
+    stage_pv_config pv; /* [pvtune], defaults filled in */
+    int64_t pv_n;       /* PV-tuning sequences */
 } plan_job;
 
 static int is_dir(const char *p)
@@ -61,7 +65,18 @@ static lv_status plan_read_job(plan_job *p, const job_file *j)
     LV_TRY(job_get_int(j, "calibration.nsamples", &p->n_seq));
     LV_TRY(job_get_int(j, "calibration.seqlen", &seqlen));
     LV_TRY(job_get_str(j, "quant.propagation", &p->prop));
+    {
+        const char *share = NULL;
+        LV_TRY(job_get_str(j, "quant.share_codebooks", &share));
+        p->share_model = !strcmp(share, "model");
+    }
     LV_TRY(pipe_job_stage_configs(j, &p->acfg, &p->ft_enable, &p->ft));
+    {
+        int64_t ns = 0;
+        LV_TRY(pipe_job_pv_config(j, &p->pv_enable, &p->pv, &ns));
+        p->pv = stage_pv_defaults(&p->pv);
+        p->pv_n = ns > 0 ? ns : p->n_seq;
+    }
 
     /* the model's shapes: a HF directory is read through its config.json only
      * (works without weights); anything else is opened (memory-mapped) */
@@ -464,6 +479,73 @@ static block_cost predict_block(const plan_job *p, const plan_rates *r)
     return b;
 }
 
+/* PV-tuning after the blocks (pvtune.enable), on every rank (data-parallel). */
+typedef struct {
+    int64_t n_train, n_val, v_steps, p_steps, n_param, n_codes, n_w;
+    int ranks_used;          /* min(ranks, micro-batches per V step) */
+    double v_step, p_step, eval, total; /* seconds */
+    double mem_fp, mem_q, mem_act, mem_logits, mem_opt, mem_p, mem_host; /* bytes per rank */
+} pv_cost;
+
+static pv_cost predict_pv(const plan_job *p, const plan_rates *r, int n_ranks)
+{
+    pv_cost v;
+    memset(&v, 0, sizeof v);
+    const lv_model_config *c = &p->cfg;
+    const stage_pv_config *pc = &p->pv;
+    const int kl = pc->loss == STAGE_PV_LOSS_KL, T = p->T;
+    v.n_val = p->pv_n >= 2 ? (int64_t)ceil(pc->holdout_frac * (double)p->pv_n) : 0;
+    if (p->pv_n >= 2 && v.n_val < 1) v.n_val = 1;
+    if (v.n_val > p->pv_n - 1) v.n_val = p->pv_n - 1;
+    v.n_train = p->pv_n - v.n_val;
+    const int64_t bmax = v.n_train < pc->batch_seqs ? v.n_train : pc->batch_seqs;
+    const int64_t per_epoch = (v.n_train + bmax - 1) / bmax;
+    const int64_t mb = pc->micro_batch < bmax ? pc->micro_batch : bmax;
+    const int64_t n_micro = (bmax + mb - 1) / mb;
+    v.ranks_used = (int)(n_ranks < n_micro ? n_ranks : n_micro);
+    v.v_steps = per_epoch * pc->max_epochs;
+    v.p_steps = pc->p_every > 0 ? v.v_steps / pc->p_every : 0;
+    /* forward-equivalent FLOPs per sequence (block fine-tuning's rate unit): student forward,
+     * block recompute, backward (2x), the teacher's forward for KL; classifier likewise */
+    const double F_blk = c->n_layers * block_fwd_flops(c, 1, T);
+    const double F_cls = 2.0 * T * (double)c->dim * c->vocab_size;
+    const double per_seq = (kl ? 5.0 : 4.0) * F_blk + (kl ? 3.0 : 2.0) * F_cls;
+    const double eval_seq = (kl ? 2.0 : 1.0) * (F_blk + F_cls);
+    v.v_step = bmax * per_seq / r->ft_flops_s / v.ranks_used;
+    const int n_eval = pc->eval_every > 0 ? (int)(v.v_steps / pc->eval_every) : pc->max_epochs;
+    v.eval = (1.0 + n_eval) * v.n_val * eval_seq / r->ft_flops_s /
+             (n_ranks < (v.n_val + mb - 1) / mb ? n_ranks : (double)((v.n_val + mb - 1) / mb));
+    /* quantized model and trainable parameters */
+    const double K = ldexp(1.0, p->acfg.nbits), M = p->acfg.n_codebooks, g = p->acfg.group_size;
+    const double cb = M * K * g;
+    double n_param = c->dim, n_codes = 0, n_w = 0, beam = 0;
+    stage_aqlm_config pa = p->acfg;
+    pa.beam_size = pc->p_beam;
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        int64_t o, i;
+        lv_lin_shape(c, (lv_lin)k, &o, &i);
+        n_param += c->n_layers * ((p->share_model ? 0.0 : cb) + (double)o);
+        n_codes += c->n_layers * (double)o * ceil((double)i / g) * M;
+        n_w += c->n_layers * (double)o * (double)i;
+        beam += c->n_layers * aqlm_cost(r, &pa, 1, (double)o, (double)i).beam;
+    }
+    n_param += 2.0 * c->n_layers * c->dim + (p->share_model ? cb : 0.0);
+    v.n_param = (int64_t)n_param, v.n_codes = (int64_t)n_codes, v.n_w = (int64_t)n_w;
+    v.p_step = v.v_step + beam / (n_ranks < c->n_layers * LV_LIN_COUNT ? n_ranks : 1.0);
+    v.total = v.v_steps * v.v_step + v.p_steps * v.p_step + v.eval;
+    /* host memory per rank: the whole FP model (teacher, every rank), the whole quantized
+     * model, block inputs of a micro-batch, logits, optimiser state and gradient items */
+    const double n_own = (double)((n_micro + v.ranks_used - 1) / v.ranks_used);
+    v.mem_fp = 4.0 * (double)lv_cfg_n_params(c);
+    v.mem_q = 2.0 * n_codes + 4.0 * n_param + 4.0 * 2.0 * c->vocab_size * (double)c->dim;
+    v.mem_act = 4.0 * mb * T * (double)c->dim * (c->n_layers + 3.0);
+    v.mem_logits = 4.0 * mb * T * (double)c->vocab_size * (kl ? 2.0 : 1.0);
+    v.mem_opt = 4.0 * n_param * (2.0 + 1.0 + 2.0 + n_own + (n_ranks > 1 ? 1.0 : 0.0)) + 2.0 * n_codes;
+    v.mem_p = v.p_steps ? 4.0 * n_w * (1.0 + n_own + (n_ranks > 1 ? 1.0 : 0.0)) + 2.0 * n_codes : 0;
+    v.mem_host = v.mem_fp + v.mem_q + v.mem_act + v.mem_logits + v.mem_opt + v.mem_p;
+    return v;
+}
+
 typedef struct {
     double act, seqs, hess, h32, wq, fwd_ws, qblock, aqlm_ws, ft_ws, transient, weights_own,
         weights_touched, host, gpu;
@@ -570,7 +652,7 @@ static const char *gpu_line(void)
 
 static void print_human(const plan_job *p, const plan_rates *r, int rates_measured,
                         const char *rates_path, int n_ranks, const rank_plan *rp,
-                        const block_cost *bc, double total)
+                        const block_cost *bc, double total, const pv_cost *pv)
 {
     const lv_model_config *c = &p->cfg;
     const stage_aqlm_config *a = &p->acfg;
@@ -677,6 +759,33 @@ static void print_human(const plan_job *p, const plan_rates *r, int rates_measur
     printf("GPU memory per rank: %s (%s)\n", b1, gpu_line());
     fmt_time(b1, sizeof b1, total);
     printf("\npredicted quantize phase: %s (slowest rank)\n", b1);
+    if (pv) {
+        char t1[32], t2[32], t3[32], t4[32];
+        fmt_time(t1, sizeof t1, pv->v_step);
+        fmt_time(t2, sizeof t2, pv->p_step);
+        fmt_time(t3, sizeof t3, pv->eval);
+        fmt_time(t4, sizeof t4, pv->total);
+        printf("\nPV-tuning (pvtune.enable, every rank, data-parallel over %d of %d rank%s: the "
+               "micro-batches of a V step): %lld train / %lld held-out sequences of %d tokens, "
+               "%lld V steps of %d sequences%s; per V step %s", pv->ranks_used, n_ranks,
+               n_ranks > 1 ? "s" : "", (long long)pv->n_train, (long long)pv->n_val, p->T,
+               (long long)pv->v_steps, p->pv.batch_seqs,
+               pv->p_steps ? "" : ", no P steps", t1);
+        if (pv->p_steps) printf(", %lld P steps of %s", (long long)pv->p_steps, t2);
+        printf(", held-out evaluations %s: predicted PV-tuning phase %s (upper bound: all "
+               "max_epochs)\n", t3, t4);
+        fmt_bytes(b1, sizeof b1, pv->mem_host);
+        fmt_bytes(b2, sizeof b2, pv->mem_fp);
+        fmt_bytes(b3, sizeof b3, pv->mem_q);
+        fmt_bytes(b4, sizeof b4, pv->mem_act + pv->mem_logits);
+        fmt_bytes(b5, sizeof b5, pv->mem_opt + pv->mem_p);
+        printf("PV-tuning host memory per rank: %s = FP teacher model %s (the whole model on "
+               "every rank) + quantized model %s + activations and logits of a micro-batch %s "
+               "+ Adam, gradients and snapshots%s %s\n", b1, b2, b3, b4,
+               pv->p_steps ? ", P-step dL/dWhat" : "", b5);
+        fmt_time(b1, sizeof b1, total + pv->total);
+        printf("predicted total: %s\n", b1);
+    }
     printf("\nassumptions: every rank runs at this machine's measured rates; AQLM runs all "
            "max_iters alternations and fine-tuning all max_epochs (rel_tol and patience can "
            "stop earlier: upper bounds); costs scale with the cost models above (extrapolated "
@@ -690,7 +799,8 @@ static void print_human(const plan_job *p, const plan_rates *r, int rates_measur
 }
 
 static lv_status print_json(const plan_job *p, const plan_rates *r, int rates_measured,
-                            int n_ranks, const rank_plan *rp, const block_cost *bc, double total)
+                            int n_ranks, const rank_plan *rp, const block_cost *bc, double total,
+                            const pv_cost *pv)
 {
     lv_status st = LV_OK;
     cJSON *o = cJSON_CreateObject();
@@ -763,7 +873,29 @@ static lv_status print_json(const plan_job *p, const plan_rates *r, int rates_me
     cJSON_AddNumberToObject(b, "aqlm_update", bc->aq_update);
     cJSON_AddNumberToObject(b, "finetune", bc->ft);
     cJSON_AddNumberToObject(b, "total", bc->block);
-    cJSON_AddNumberToObject(o, "total_predicted_s", total);
+    cJSON_AddNumberToObject(o, "total_predicted_s", total + (pv ? pv->total : 0.0));
+    cJSON_AddNumberToObject(o, "quantize_predicted_s", total);
+    if (pv) {
+        cJSON *v = cJSON_AddObjectToObject(o, "pvtune");
+        cJSON_AddNumberToObject(v, "ranks_used", pv->ranks_used);
+        cJSON_AddNumberToObject(v, "train_sequences", (double)pv->n_train);
+        cJSON_AddNumberToObject(v, "heldout_sequences", (double)pv->n_val);
+        cJSON_AddNumberToObject(v, "v_steps", (double)pv->v_steps);
+        cJSON_AddNumberToObject(v, "p_steps", (double)pv->p_steps);
+        cJSON_AddNumberToObject(v, "s_per_v_step", pv->v_step);
+        cJSON_AddNumberToObject(v, "s_per_p_step", pv->p_steps ? pv->p_step : 0.0);
+        cJSON_AddNumberToObject(v, "eval_s", pv->eval);
+        cJSON_AddNumberToObject(v, "predicted_s", pv->total);
+        cJSON_AddNumberToObject(v, "trainable_parameters", (double)pv->n_param);
+        cJSON *m = cJSON_AddObjectToObject(v, "memory_bytes_per_rank");
+        cJSON_AddNumberToObject(m, "host_total", pv->mem_host);
+        cJSON_AddNumberToObject(m, "fp_teacher", pv->mem_fp);
+        cJSON_AddNumberToObject(m, "quantized_model", pv->mem_q);
+        cJSON_AddNumberToObject(m, "activations", pv->mem_act);
+        cJSON_AddNumberToObject(m, "logits", pv->mem_logits);
+        cJSON_AddNumberToObject(m, "optimizer_and_gradients", pv->mem_opt);
+        cJSON_AddNumberToObject(m, "p_step", pv->mem_p);
+    }
     cJSON *ro = cJSON_AddObjectToObject(o, "rates");
     for (int i = 0; i < N_RATE_FIELDS; i++)
         cJSON_AddNumberToObject(ro, rate_fields[i].name, *rate_ptr((plan_rates *)r, i));
@@ -864,6 +996,7 @@ int pipe_cmd_plan(int argc, char **argv)
     } else
         LV_TRY(measure_rates(&p, &r));
     block_cost bc = predict_block(&p, &r);
+    const pv_cost pvc = predict_pv(&p, &r, n_ranks);
     LV_ALLOC(rp, (size_t)n_ranks);
     double total = 0;
     for (int i = 0; i < n_ranks; i++) {
@@ -881,9 +1014,11 @@ int pipe_cmd_plan(int argc, char **argv)
         if (q->total_s > total) total = q->total_s;
     }
     if (json)
-        LV_TRY(print_json(&p, &r, rates_path == NULL, n_ranks, rp, &bc, total));
+        LV_TRY(print_json(&p, &r, rates_path == NULL, n_ranks, rp, &bc, total,
+                          p.pv_enable ? &pvc : NULL));
     else
-        print_human(&p, &r, rates_path == NULL, rates_path, n_ranks, rp, &bc, total);
+        print_human(&p, &r, rates_path == NULL, rates_path, n_ranks, rp, &bc, total,
+                    p.pv_enable ? &pvc : NULL);
 done:
     free(rp);
     job_free(j);

@@ -33,3 +33,34 @@ lv_status pipe_job_stage_configs(const job_file *j, stage_aqlm_config *a, int *f
 done:
     return st;
 }
+
+lv_status pipe_job_pv_config(const job_file *j, int *enable, stage_pv_config *pv,
+                             int64_t *nsamples)
+{
+    lv_status st = LV_OK;
+    const char *loss = NULL;
+    int64_t e, b, m, pat, ev, pe, ce;
+    double lr, ho, pb, plr;
+    LV_TRY(job_get_bool(j, "pvtune.enable", enable));
+    LV_TRY(job_get_str(j, "pvtune.loss", &loss));
+    LV_TRY(job_get_float(j, "pvtune.lr", &lr));
+    LV_TRY(job_get_int(j, "pvtune.max_epochs", &e));
+    LV_TRY(job_get_int(j, "pvtune.batch_seqs", &b));
+    LV_TRY(job_get_int(j, "pvtune.micro_batch", &m));
+    LV_TRY(job_get_int(j, "pvtune.patience", &pat));
+    LV_TRY(job_get_int(j, "pvtune.eval_every", &ev));
+    LV_TRY(job_get_float(j, "pvtune.holdout", &ho));
+    LV_TRY(job_get_int(j, "pvtune.p_every", &pe));
+    LV_TRY(job_get_float(j, "pvtune.p_budget", &pb));
+    LV_TRY(job_get_float(j, "pvtune.p_lr", &plr));
+    LV_TRY(job_get_int(j, "pvtune.checkpoint_every", &ce));
+    LV_TRY(job_get_int(j, "pvtune.nsamples", nsamples));
+    *pv = (stage_pv_config){.loss = strcmp(loss, "ce") ? STAGE_PV_LOSS_KL : STAGE_PV_LOSS_CE,
+                            .lr = (float)lr, .max_epochs = (int)e, .batch_seqs = (int)b,
+                            .micro_batch = (int)m, .patience = (int)pat, .eval_every = (int)ev,
+                            .holdout_frac = ho, .p_every = pe == 0 ? -1 : (int)pe,
+                            .p_budget = pb, .p_lr = (float)plr, .ckpt_every = (int)ce,
+                            .verbose = 1};
+done:
+    return st;
+}

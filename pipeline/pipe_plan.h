@@ -21,4 +21,9 @@ static inline void pipe_shard_of(int n_layers, int rank, int size, int *first, i
 lv_status pipe_job_stage_configs(const job_file *j, stage_aqlm_config *a, int *ft_enable,
                                  stage_ft_config *ft);
 
+/* The [pvtune] section as a stage config (seed and hooks left 0), enable and
+ * pvtune.nsamples (0: the calibration sequences). */
+lv_status pipe_job_pv_config(const job_file *j, int *enable, stage_pv_config *pv,
+                             int64_t *nsamples);
+
 #endif

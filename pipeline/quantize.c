@@ -25,36 +25,6 @@
 #include "quantize_impl.h"
 
 
-static lv_status read_pv_job(qjob *q, const job_file *j)
-{
-    lv_status st = LV_OK;
-    const char *loss = NULL;
-    int64_t e, b, m, pat, ev, pe, ce;
-    double lr, ho, pb, plr;
-    LV_TRY(job_get_bool(j, "pvtune.enable", &q->pv_enable));
-    LV_TRY(job_get_str(j, "pvtune.loss", &loss));
-    LV_TRY(job_get_float(j, "pvtune.lr", &lr));
-    LV_TRY(job_get_int(j, "pvtune.max_epochs", &e));
-    LV_TRY(job_get_int(j, "pvtune.batch_seqs", &b));
-    LV_TRY(job_get_int(j, "pvtune.micro_batch", &m));
-    LV_TRY(job_get_int(j, "pvtune.patience", &pat));
-    LV_TRY(job_get_int(j, "pvtune.eval_every", &ev));
-    LV_TRY(job_get_float(j, "pvtune.holdout", &ho));
-    LV_TRY(job_get_int(j, "pvtune.p_every", &pe));
-    LV_TRY(job_get_float(j, "pvtune.p_budget", &pb));
-    LV_TRY(job_get_float(j, "pvtune.p_lr", &plr));
-    LV_TRY(job_get_int(j, "pvtune.checkpoint_every", &ce));
-    LV_TRY(job_get_int(j, "pvtune.nsamples", &q->pv_nsamples));
-    q->pv = (stage_pv_config){.loss = strcmp(loss, "ce") ? STAGE_PV_LOSS_KL : STAGE_PV_LOSS_CE,
-                              .lr = (float)lr, .max_epochs = (int)e, .batch_seqs = (int)b,
-                              .micro_batch = (int)m, .patience = (int)pat, .eval_every = (int)ev,
-                              .holdout_frac = ho, .p_every = pe == 0 ? -1 : (int)pe,
-                              .p_budget = pb, .p_lr = (float)plr, .ckpt_every = (int)ce,
-                              .verbose = 1};
-done:
-    return st;
-}
-
 static lv_status read_job(qjob *q, const job_file *j)
 {
     lv_status st = LV_OK;
@@ -81,7 +51,7 @@ static lv_status read_job(qjob *q, const job_file *j)
                 "(the shared codebooks are fitted to every block's Hessian at once, so all "
                 "blocks see the FP model's activations)");
     LV_TRY(pipe_job_stage_configs(j, &q->acfg, &q->ft_enable, &q->ft));
-    LV_TRY(read_pv_job(q, j));
+    LV_TRY(pipe_job_pv_config(j, &q->pv_enable, &q->pv, &q->pv_nsamples));
     LV_TRY(job_get_int(j, "apiq.rank", &q->apiq_rank));
     LV_TRY(job_get_int(j, "apiq.iters", &q->apiq_iters));
     if (q->apiq_rank > 0 && (q->share_model || q->ft_enable))

@@ -106,15 +106,21 @@ void stage_aq_ws_free(stage_aq_ws *w)
     memset(w, 0, sizeof *w);
 }
 
-/* Per-thread beam-search scratch, carved from one block (doubles first). */
+/* Per-thread beam-search scratch, carved from one block (doubles first). The
+ * hypotheses are kept as He = H e (e = w - What, the row's residual) in
+ * visiting order (see the beam-search section). */
 typedef struct {
-    double *e_a, *e_b;        /* (B, d_pad) residual w - What of each hypothesis */
+    double *he_a, *he_b;      /* (B, d_pad) H e of each hypothesis, in visiting order */
+    double *e, *he;           /* (d_pad) residual of one hypothesis and H e, natural order */
     double *loss_a, *loss_b;  /* (B) */
     double *u, *base;         /* (B, g), (B) */
+    double *delta;            /* (B, g) change of e in the visited group, per new hypothesis */
     double *scores;           /* (B, K) */
     double *top_s;            /* (B) */
     int64_t *top_i;           /* (B) */
+    int *moved;               /* (B) new hypotheses whose code changed */
     uint16_t *codes_a, *codes_b; /* (B, n_groups * M) */
+    float *hg;                /* (g, d_pad) rows of H of the visited group, visiting order */
 } aq_beam_scratch;
 
 static size_t aq_beam_carve(aq_beam_scratch *s, unsigned char *base, int B, int64_t d_pad,
@@ -126,17 +132,22 @@ static size_t aq_beam_carve(aq_beam_scratch *s, unsigned char *base, int B, int6
         if (base) s->field = (type *)(void *)(base + off);              \
         off += (((size_t)(count) * sizeof(type)) + 63) / 64 * 64;       \
     } while (0)
-    AQ_CARVE(e_a, double, B * d_pad);
-    AQ_CARVE(e_b, double, B * d_pad);
+    AQ_CARVE(he_a, double, B * d_pad);
+    AQ_CARVE(he_b, double, B * d_pad);
+    AQ_CARVE(e, double, d_pad);
+    AQ_CARVE(he, double, d_pad);
     AQ_CARVE(loss_a, double, B);
     AQ_CARVE(loss_b, double, B);
     AQ_CARVE(u, double, (int64_t)B * g);
     AQ_CARVE(base, double, B);
+    AQ_CARVE(delta, double, (int64_t)B * g);
     AQ_CARVE(scores, double, B * K);
     AQ_CARVE(top_s, double, B);
     AQ_CARVE(top_i, int64_t, B);
+    AQ_CARVE(moved, int, B);
     AQ_CARVE(codes_a, uint16_t, B * gm);
     AQ_CARVE(codes_b, uint16_t, B * gm);
+    AQ_CARVE(hg, float, (int64_t)g * d_pad);
 #undef AQ_CARVE
     return off;
 }
@@ -512,37 +523,172 @@ static void aq_codebook_hnorms(const stage_qprob *p, const stage_aqlm_layer *L, 
             }
 }
 
-/* e = w - s * q(codes) in double; returns e H e. */
-static double aq_row_residual(const stage_qprob *p, const stage_aqlm_layer *L, int64_t K,
-                              const float *wrow, const uint16_t *codes, double s, double *e)
+/* The search keeps, per hypothesis, He = H e (e = w - s q(codes) the row's
+ * residual) instead of e: scoring a (group, codebook) step then needs only the
+ * g entries of He in that group (O(g^2) per hypothesis, aq_beam_prepare), and
+ * a step's cost moves to aq_beam_advance, which adds H[:, group] delta (delta:
+ * the g-vector change of e) to the parent's He, an element-wise update that
+ * vectorises without reordering any sum. He is stored in the visiting order
+ * of the groups (position gi holds group gperm[gi]), so the groups this pass
+ * still visits are the suffix from the current one and the update skips the
+ * visited ones: half the work on average. The g rows of H it needs are
+ * gathered into that order once per group and row (aq_beam_gather), so no
+ * permuted copy of H is needed. */
+typedef struct {
+    const stage_qprob *p;  /* borrowed */
+    const int64_t *gperm;  /* (n_groups) borrowed: group visited at each position */
+    const float *cbT;      /* (M, g, K) codebooks transposed, so codes vectorise */
+} aq_beam_ctx;
+
+/* hg[a, q - pos] = H[i*g + a, orig(q)] for q >= pos = gi*g, orig(gj*g + c) = gperm[gj]*g + c. */
+static void aq_beam_gather(const aq_beam_ctx *cx, int64_t gi, float *hg)
 {
-    const int64_t dp = p->d_pad;
+    const int64_t dp = cx->p->d_pad, G = cx->p->n_groups, i = cx->gperm[gi];
+    const int g = cx->p->g;
+    for (int a = 0; a < g; a++) {
+        const float *hrow = cx->p->H + (i * g + a) * dp; /* (d_pad) */
+        float *out = hg + a * dp;                         /* (d_pad - pos) used */
+        const int64_t *gp = cx->gperm;
+        /* constant sizes for the common g, so the copies inline (no call per group) */
+        if (g == 8)
+            for (int64_t gj = gi; gj < G; gj++) memcpy(out + (gj - gi) * 8, hrow + gp[gj] * 8, 32);
+        else if (g == 4)
+            for (int64_t gj = gi; gj < G; gj++) memcpy(out + (gj - gi) * 4, hrow + gp[gj] * 4, 16);
+        else
+            for (int64_t gj = gi; gj < G; gj++)
+                memcpy(out + (gj - gi) * g, hrow + gp[gj] * g, (size_t)g * sizeof(float));
+    }
+}
+
+/* y[q] = x[q] + sum_{a < nr} R[a*ld + q] d[a], q < n, summed in increasing a for
+ * every q: no sum runs across q, so the SIMD width cannot change the result.
+ * Rows go eight or four at a time (y stays in double between blocks, so the
+ * order is the same as one row at a time); each block's loop has no inner
+ * loop, which GCC needs to vectorise it. y may be x. */
+static void aq_rows_axpy(double *y, const double *x, const float *R, int64_t ld,
+                         const double *d, int nr, int64_t n)
+{
+    int a = 0;
+    for (; a + 8 <= nr; a += 8) {
+        const float *r0 = R + a * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;
+        const float *r4 = r3 + ld, *r5 = r4 + ld, *r6 = r5 + ld, *r7 = r6 + ld;
+        const double d0 = d[a], d1 = d[a + 1], d2 = d[a + 2], d3 = d[a + 3];
+        const double d4 = d[a + 4], d5 = d[a + 5], d6 = d[a + 6], d7 = d[a + 7];
+#pragma omp simd
+        for (int64_t q = 0; q < n; q++)
+            y[q] = x[q] + (double)r0[q] * d0 + (double)r1[q] * d1 + (double)r2[q] * d2 +
+                   (double)r3[q] * d3 + (double)r4[q] * d4 + (double)r5[q] * d5 +
+                   (double)r6[q] * d6 + (double)r7[q] * d7;
+        x = y;
+    }
+    for (; a + 4 <= nr; a += 4) {
+        const float *r0 = R + a * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;
+        const double d0 = d[a], d1 = d[a + 1], d2 = d[a + 2], d3 = d[a + 3];
+#pragma omp simd
+        for (int64_t q = 0; q < n; q++)
+            y[q] = x[q] + (double)r0[q] * d0 + (double)r1[q] * d1 + (double)r2[q] * d2 +
+                   (double)r3[q] * d3;
+        x = y;
+    }
+    for (; a < nr; a++) {
+        const float *r0 = R + a * ld;
+        const double d0 = d[a];
+#pragma omp simd
+        for (int64_t q = 0; q < n; q++) y[q] = x[q] + (double)r0[q] * d0;
+        x = y;
+    }
+    if (x != y) memcpy(y, x, (size_t)n * sizeof(double)); /* nr == 0 */
+}
+
+/* aq_rows_axpy for two outputs at once (y, x, d) and (y2, x2, d2) sharing the
+ * rows R, which are then loaded and converted once: per element the same
+ * operations in the same order as two aq_rows_axpy calls. */
+static void aq_rows_axpy2(double *y, const double *x, const double *d, double *y2,
+                          const double *x2, const double *d2, const float *R, int64_t ld,
+                          int nr, int64_t n)
+{
+    int a = 0;
+    for (; a + 4 <= nr; a += 4) {
+        const float *r0 = R + a * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;
+        const double d0 = d[a], d1 = d[a + 1], dd2 = d[a + 2], d3 = d[a + 3];
+        const double e0 = d2[a], e1 = d2[a + 1], e2 = d2[a + 2], e3 = d2[a + 3];
+#pragma omp simd
+        for (int64_t q = 0; q < n; q++) {
+            const double h0 = r0[q], h1 = r1[q], h2 = r2[q], h3 = r3[q];
+            y[q] = x[q] + h0 * d0 + h1 * d1 + h2 * dd2 + h3 * d3;
+            y2[q] = x2[q] + h0 * e0 + h1 * e1 + h2 * e2 + h3 * e3;
+        }
+        x = y;
+        x2 = y2;
+    }
+    for (; a < nr; a++) {
+        const float *r0 = R + a * ld;
+        const double d0 = d[a], e0 = d2[a];
+#pragma omp simd
+        for (int64_t q = 0; q < n; q++) {
+            const double h0 = r0[q];
+            y[q] = x[q] + h0 * d0;
+            y2[q] = x2[q] + h0 * e0;
+        }
+        x = y;
+        x2 = y2;
+    }
+    if (x != y) memcpy(y, x, (size_t)n * sizeof(double)); /* nr == 0 */
+    if (x2 != y2) memcpy(y2, x2, (size_t)n * sizeof(double));
+}
+
+/* e = w - s q(codes) and sc->he = H e (natural order); he_v = the same H e in
+ * visiting order (NULL: not wanted). Returns e H e. */
+static double aq_row_residual(const aq_beam_ctx *cx, const stage_aqlm_layer *L, int64_t K,
+                              const float *wrow, const uint16_t *codes, double s,
+                              aq_beam_scratch *sc, double *he_v)
+{
+    const int64_t dp = cx->p->d_pad, G = cx->p->n_groups;
     const int M = L->M, g = L->g;
-    for (int64_t i = 0; i < p->n_groups; i++)
+    double *e = sc->e, *he = sc->he;
+    for (int64_t i = 0; i < G; i++)
         for (int a = 0; a < g; a++) {
             double q = 0.0;
             for (int m = 0; m < M; m++)
                 q += L->codebooks[((int64_t)m * K + codes[i * M + m]) * g + a];
             e[i * g + a] = (double)wrow[i * g + a] - s * q;
         }
-    double loss = 0.0;
-    for (int64_t j = 0; j < dp; j++) {
-        const float *hrow = p->H + j * dp;
-        double t = 0.0;
-        for (int64_t c = 0; c < dp; c++) t += (double)hrow[c] * e[c];
-        loss += e[j] * t;
+    memset(he, 0, (size_t)dp * sizeof(double));
+    for (int64_t c = 0; c < dp; c += 8) { /* H symmetric: H e = sum_c H[c, :] e_c */
+        int nr = dp - c < 8 ? (int)(dp - c) : 8;
+        aq_rows_axpy(he, he, cx->p->H + c * dp, dp, e + c, nr, dp);
     }
+    double loss = 0.0;
+    for (int64_t q = 0; q < dp; q++) loss += e[q] * he[q];
+    for (int64_t gi = 0; gi < G && he_v; gi++)
+        memcpy(he_v + gi * g, he + cx->gperm[gi] * g, (size_t)g * sizeof(double));
     return loss;
 }
 
-/* Keep the nb best (score, flat index) candidates, ascending; candidates arrive
- * in increasing index order, so ties keep the lowest index (deterministic). */
-static int aq_top_select(const double *scores, int64_t n, int B, double *top_s, int64_t *top_i)
+/* Keep the B best (score, flat index) candidates, ascending; candidates arrive
+ * in increasing index order, so ties keep the lowest index (deterministic).
+ * bound: a score that at least B candidates do not exceed (INFINITY if not
+ * known); a candidate above it is never among the B best, so skipping it
+ * changes nothing. NaN scores are skipped. */
+static int aq_top_select(const double *scores, int64_t n, int B, double bound, double *top_s,
+                         int64_t *top_i)
 {
     int cnt = 0;
     for (int64_t t = 0; t < n; t++) {
+        if ((cnt == B || bound < INFINITY) && (t & 7) == 0 && t + 8 <= n) {
+            /* skip 8 at once when none can enter (NaN compares false) */
+            const double thr = cnt == B ? top_s[B - 1] : INFINITY;
+            double in = 0.0; /* a count (exact in any order): GCC vectorises it */
+#pragma omp simd reduction(+ : in)
+            for (int64_t j = t; j < t + 8; j++)
+                in += (scores[j] <= bound) & (scores[j] < thr) ? 1.0 : 0.0;
+            if (in == 0.0) {
+                t += 7;
+                continue;
+            }
+        }
         double v = scores[t];
-        if (!(v == v)) continue; /* NaN */
+        if (!(v <= bound)) continue; /* also NaN */
         if (cnt == B && v >= top_s[B - 1]) continue;
         int pos = cnt < B ? cnt++ : B - 1;
         while (pos > 0 && top_s[pos - 1] > v) {
@@ -556,88 +702,181 @@ static int aq_top_select(const double *scores, int64_t n, int B, double *top_s, 
     return cnt;
 }
 
-/* u[b] = (H e_b)_i + s H_ii c_a: the H-weighted residual of group i with
- * codebook m's current code removed; base[b] = loss without that code. */
-static void aq_beam_prepare(const stage_qprob *p, const float *cb, const double *cn,
-                            aq_beam_scratch *sc, int nb, int64_t i, int m, int M, int64_t gm,
-                            double s)
+/* u[b] = (H e_b)_i + s H_ii c_a: the H-weighted residual of group i (position
+ * gi) with codebook m's current code a removed; base[b] = loss without it. */
+static void aq_beam_prepare(const aq_beam_ctx *cx, const float *cb, const double *cn,
+                            aq_beam_scratch *sc, int nb, int64_t gi, int64_t i, int m, int M,
+                            int64_t gm, double s)
 {
-    const int64_t dp = p->d_pad;
-    const int g = p->g;
+    const int64_t dp = cx->p->d_pad, pos = gi * cx->p->g;
+    const int g = cx->p->g;
+    const float *hii = cx->p->H + (i * g) * dp + i * g; /* (g, g), row stride d_pad */
     for (int b = 0; b < nb; b++) {
-        const double *e = sc->e_a + b * dp;
+        const double *he = sc->he_a + b * dp + pos;
         const int a_code = sc->codes_a[b * gm + i * M + m];
         const float *ca = cb + (int64_t)a_code * g;
         double *ub = sc->u + (int64_t)b * g;
         double cur = 0.0;
         for (int a = 0; a < g; a++) {
-            const float *hrow = p->H + (i * g + a) * dp;
-            double t = 0.0;
-            for (int64_t c = 0; c < dp; c++) t += (double)hrow[c] * e[c];
             double t2 = 0.0;
-            for (int c = 0; c < g; c++) t2 += (double)hrow[i * g + c] * ca[c];
-            ub[a] = t + s * t2;
+            for (int c = 0; c < g; c++) t2 += (double)hii[a * dp + c] * ca[c];
+            ub[a] = he[a] + s * t2;
             cur += (double)ca[a] * ub[a];
         }
         sc->base[b] = sc->loss_a[b] - (-2.0 * s * cur + s * s * cn[a_code]);
     }
 }
 
-/* Build the next beam from the selected candidates (parents in e_a/codes_a). */
-static void aq_beam_advance(const stage_qprob *p, const float *cb, aq_beam_scratch *sc, int nt,
-                            int64_t K, int64_t i, int m, int M, int64_t gm, double s)
+/* kern_beam_score_ref on the transposed codebook cbT (g, K): per score the
+ * same operations in the same order (dot from 0.0 in increasing a, then the
+ * same expression), so bit-identical to it, but each pass runs over the K
+ * codes and vectorises. */
+void stage_aq_beam_score(double *scores, const double *base, const double *u, const float *cbT,
+                         const double *cnorm, double s, int nb, int64_t K, int g)
 {
-    const int64_t dp = p->d_pad;
-    const int g = p->g;
+    const double s2 = s * s;
+    for (int b = 0; b < nb; b++) {
+        const double *ub = u + (int64_t)b * g; /* (g) */
+        double *sb = scores + (int64_t)b * K;  /* (K): the dots, then the scores */
+        const double bb = base[b];
+        if (g == 4 || g == 8) { /* the usual groups: one pass */
+            const float *c0 = cbT, *c1 = c0 + K, *c2 = c1 + K, *c3 = c2 + K;
+            const double u0 = ub[0], u1 = ub[1], u2 = ub[2], u3 = ub[3];
+            if (g == 4) {
+#pragma omp simd
+                for (int64_t k = 0; k < K; k++) {
+                    double dot = 0.0 + (double)c0[k] * u0 + (double)c1[k] * u1 +
+                                 (double)c2[k] * u2 + (double)c3[k] * u3;
+                    sb[k] = bb - 2.0 * s * dot + s2 * cnorm[k];
+                }
+                continue;
+            }
+            const float *c4 = c3 + K, *c5 = c4 + K, *c6 = c5 + K, *c7 = c6 + K;
+            const double u4 = ub[4], u5 = ub[5], u6 = ub[6], u7 = ub[7];
+#pragma omp simd
+            for (int64_t k = 0; k < K; k++) {
+                double dot = 0.0 + (double)c0[k] * u0 + (double)c1[k] * u1 +
+                             (double)c2[k] * u2 + (double)c3[k] * u3 + (double)c4[k] * u4 +
+                             (double)c5[k] * u5 + (double)c6[k] * u6 + (double)c7[k] * u7;
+                sb[k] = bb - 2.0 * s * dot + s2 * cnorm[k];
+            }
+            continue;
+        }
+        memset(sb, 0, (size_t)K * sizeof(double));
+        int a = 0;
+        for (; a + 4 <= g; a += 4) { /* four terms a pass, still added one by one */
+            const float *c0 = cbT + a * K, *c1 = c0 + K, *c2 = c1 + K, *c3 = c2 + K;
+            const double u0 = ub[a], u1 = ub[a + 1], u2 = ub[a + 2], u3 = ub[a + 3];
+#pragma omp simd
+            for (int64_t k = 0; k < K; k++)
+                sb[k] = sb[k] + (double)c0[k] * u0 + (double)c1[k] * u1 + (double)c2[k] * u2 +
+                        (double)c3[k] * u3;
+        }
+        for (; a < g; a++) {
+            const float *c0 = cbT + a * K; /* (K) */
+            const double u0 = ub[a];
+#pragma omp simd
+            for (int64_t k = 0; k < K; k++) sb[k] += (double)c0[k] * u0;
+        }
+#pragma omp simd
+        for (int64_t k = 0; k < K; k++) sb[k] = bb - 2.0 * s * sb[k] + s2 * cnorm[k];
+    }
+}
+
+/* Build the next beam from the selected candidates (parents in he_a/codes_a).
+ * He is brought up to date from position `from` on: the groups this pass
+ * still visits. */
+static void aq_beam_advance(const aq_beam_ctx *cx, const float *cb, aq_beam_scratch *sc,
+                            int nt, int64_t K, int64_t gi, int64_t i, int m, int M, int64_t gm,
+                            double s, int64_t from)
+{
+    const int64_t dp = cx->p->d_pad, pos = gi * cx->p->g, n = dp - from;
+    const int g = cx->p->g;
+    const float *R = sc->hg + (from - pos); /* (g, n), row stride d_pad */
+    int *moved = sc->moved, n_moved = 0;
     for (int t = 0; t < nt; t++) {
         int64_t parent = sc->top_i[t] / K, k = sc->top_i[t] % K;
         uint16_t *cd = sc->codes_b + t * gm;
-        double *ed = sc->e_b + t * dp;
         memcpy(cd, sc->codes_a + parent * gm, (size_t)gm * sizeof(uint16_t));
-        memcpy(ed, sc->e_a + parent * dp, (size_t)dp * sizeof(double));
         const float *ca = cb + (int64_t)cd[i * M + m] * g, *ck = cb + k * g;
-        for (int a = 0; a < g; a++) ed[i * g + a] += s * ((double)ca[a] - (double)ck[a]);
+        double *dt = sc->delta + (int64_t)t * g;
+        int mv = 0;
+        for (int a = 0; a < g; a++) {
+            dt[a] = s * ((double)ca[a] - (double)ck[a]); /* e += delta */
+            mv |= dt[a] != 0.0;
+        }
+        if (mv)
+            moved[n_moved++] = t;
+        else
+            memcpy(sc->he_b + t * dp + from, sc->he_a + parent * dp + from,
+                   (size_t)n * sizeof(double));
         cd[i * M + m] = (uint16_t)k;
         sc->loss_b[t] = sc->top_s[t];
+    }
+    /* He of the moved ones, two at a time (register blocking over hypotheses) */
+    for (int j = 0; j < n_moved; j += 2) {
+        const int t = moved[j];
+        const double *x = sc->he_a + (sc->top_i[t] / K) * dp + from;
+        double *y = sc->he_b + t * dp + from;
+        if (j + 1 < n_moved) {
+            const int t2 = moved[j + 1];
+            aq_rows_axpy2(y, x, sc->delta + (int64_t)t * g, sc->he_b + t2 * dp + from,
+                          sc->he_a + (sc->top_i[t2] / K) * dp + from,
+                          sc->delta + (int64_t)t2 * g, R, dp, g, n);
+        } else {
+            aq_rows_axpy(y, x, R, dp, sc->delta + (int64_t)t * g, g, n);
+        }
     }
 }
 
 /* Beam search over one row's codes; returns candidate scores computed. */
-static int64_t aq_beam_row(const stage_qprob *p, stage_aqlm_layer *L, const stage_aq_ws *w,
-                           aq_beam_scratch *sc, int64_t r, const int64_t *gperm,
-                           const int *mperm)
+static int64_t aq_beam_row(const aq_beam_ctx *cx, stage_aqlm_layer *L, const stage_aq_ws *w,
+                           aq_beam_scratch *sc, int64_t r, const int *mperm)
 {
+    const stage_qprob *p = cx->p;
     const int64_t dp = p->d_pad, K = w->K, G = p->n_groups;
-    const int M = L->M, B = w->beam_size;
+    const int M = L->M, B = w->beam_size, g = L->g;
     const int64_t gm = G * M;
     const double s = L->scales[r];
     const float *wrow = p->W + r * dp;
     uint16_t *codes = L->codes + r * gm;
     int64_t n_cand = 0;
     memcpy(sc->codes_a, codes, (size_t)gm * sizeof(uint16_t));
-    const double loss0 = aq_row_residual(p, L, K, wrow, codes, s, sc->e_a);
+    const double loss0 = aq_row_residual(cx, L, K, wrow, codes, s, sc, sc->he_a);
     sc->loss_a[0] = loss0;
     int nb = 1;
     for (int64_t gi = 0; gi < G; gi++) {
-        const int64_t i = gperm[gi];
+        const int64_t i = cx->gperm[gi];
+        aq_beam_gather(cx, gi, sc->hg);
         for (int mi = 0; mi < M; mi++) {
             const int m = mperm[mi];
-            const float *cb = L->codebooks + (int64_t)m * K * L->g;
+            const float *cb = L->codebooks + (int64_t)m * K * g;
             const double *cn = w->cnorm + (i * M + m) * K;
-            aq_beam_prepare(p, cb, cn, sc, nb, i, m, M, gm, s);
-            kern_beam_score_ref(sc->scores, sc->base, sc->u, cb, cn, s, nb, (int)K, L->g);
+            aq_beam_prepare(cx, cb, cn, sc, nb, gi, i, m, M, gm, s);
+            stage_aq_beam_score(sc->scores, sc->base, sc->u, cx->cbT + (int64_t)m * g * K, cn, s, nb,
+                          K, g);
             n_cand += nb * K;
-            int nt = aq_top_select(sc->scores, nb * K, B, sc->top_s, sc->top_i);
+            /* keeping its code is one candidate per hypothesis: with a full beam
+             * the worst of those bounds the B-th best score */
+            double bound = INFINITY;
+            for (int b = 0; b < nb && nb == B; b++) {
+                double v = sc->scores[b * K + sc->codes_a[b * gm + i * M + m]];
+                bound = b == 0 || v > bound || !(v == v) ? v : bound;
+            }
+            if (!(bound == bound)) bound = INFINITY;
+            int nt = aq_top_select(sc->scores, nb * K, B, bound, sc->top_s, sc->top_i);
             if (nt == 0) return n_cand; /* all NaN: keep the row's codes */
-            aq_beam_advance(p, cb, sc, nt, K, i, m, M, gm, s);
-            double *te = sc->e_a; sc->e_a = sc->e_b; sc->e_b = te;
+            /* the last codebook of a group: later steps read only later groups */
+            const int64_t from = (mi + 1 < M ? gi : gi + 1) * g;
+            aq_beam_advance(cx, cb, sc, nt, K, gi, i, m, M, gm, s, from);
+            double *th = sc->he_a; sc->he_a = sc->he_b; sc->he_b = th;
             double *tl = sc->loss_a; sc->loss_a = sc->loss_b; sc->loss_b = tl;
             uint16_t *tc = sc->codes_a; sc->codes_a = sc->codes_b; sc->codes_b = tc;
             nb = nt;
         }
     }
     /* beam 0 is the best; accept it only if its exactly recomputed loss is no worse */
-    double final = aq_row_residual(p, L, K, wrow, sc->codes_a, s, sc->e_b);
+    double final = aq_row_residual(cx, L, K, wrow, sc->codes_a, s, sc, NULL);
     if (final <= loss0) memcpy(codes, sc->codes_a, (size_t)gm * sizeof(uint16_t));
     return n_cand;
 }
@@ -647,9 +886,12 @@ lv_status stage_aq_beam(const stage_qprob *p, stage_aqlm_layer *L, stage_aq_ws *
 {
     lv_status st = LV_OK;
     int64_t *gperm = NULL;
+    float *cbT = NULL;
     int mperm[64];
-    const int64_t G = p->n_groups;
+    const int64_t G = p->n_groups, K = w->K;
+    const int g = L->g;
     LV_ALLOC(gperm, G);
+    LV_ALLOC(cbT, (int64_t)L->M * g * K);
     /* Visiting order of groups and codebooks: seeded shuffle (AQLM's dim_rng) */
     lv_rng rng;
     lv_rng_seed(&rng, seed);
@@ -665,7 +907,12 @@ lv_status stage_aq_beam(const stage_qprob *p, stage_aqlm_layer *L, stage_aq_ws *
         mperm[m] = mperm[j];
         mperm[j] = t;
     }
-    aq_codebook_hnorms(p, L, w->cnorm, w->K);
+    aq_codebook_hnorms(p, L, w->cnorm, K);
+    for (int m = 0; m < L->M; m++)
+        for (int64_t k = 0; k < K; k++)
+            for (int a = 0; a < g; a++)
+                cbT[((int64_t)m * g + a) * K + k] = L->codebooks[((int64_t)m * K + k) * g + a];
+    const aq_beam_ctx cx = {.p = p, .gperm = gperm, .cbT = cbT};
     int64_t total = 0;
 #pragma omp parallel num_threads(w->n_threads) reduction(+ : total)
     {
@@ -674,10 +921,11 @@ lv_status stage_aq_beam(const stage_qprob *p, stage_aqlm_layer *L, stage_aq_ws *
         aq_beam_carve(&sc, w->beam + (size_t)tid * w->beam_bytes, w->beam_size, p->d_pad, p->g,
                       w->K, G * L->M);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < p->d_out; r++) total += aq_beam_row(p, L, w, &sc, r, gperm, mperm);
+        for (int64_t r = 0; r < p->d_out; r++) total += aq_beam_row(&cx, L, w, &sc, r, mperm);
     }
     if (n_candidates) *n_candidates += total;
 done:
+    free(cbT);
     free(gperm);
     return st;
 }

@@ -54,7 +54,7 @@ struct stage_pv {
     float *logits;         // (mb, T, vocab) student logits, then dL/dlogits
     double *row_loss;      // (mb * T)
     /* P step */
-    int64_t n_groups, budget, w_max, c_max;
+    int64_t n_groups, budget, w_max, c_max, o_max;
     int64_t n_w, n_codes;  /* quantized weights, codes of all linears */
     float *dW;             /* (all quantized weights) dL/dWhat, linear (l, k) at dW_off[l * 7 + k] */
     int64_t *dW_off;       /* (L * 7) */
@@ -187,11 +187,12 @@ static int pv_layout(stage_pv *pv, float **seg, int64_t *len, int64_t *src, int 
     return n;
 }
 
-static lv_status pv_alloc_pstep(stage_pv *pv)
+/* Counts of the P step (codes, groups, budget, dW offsets); its buffers
+ * (one float per quantized weight for dL/dWhat and more) come with the first
+ * P step (pv_alloc_pstep), so V-only tuning never holds them. */
+static lv_status pv_count_pstep(stage_pv *pv)
 {
     lv_status st = LV_OK;
-    const lv_model_config *c = &pv->q->cfg;
-    const int64_t dmax = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
     int64_t total = 0, omax = 0;
     LV_ALLOC(pv->dW_off, (size_t)pv->L * LV_LIN_COUNT);
     for (int l = 0; l < pv->L; l++)
@@ -207,8 +208,19 @@ static lv_status pv_alloc_pstep(stage_pv *pv)
             omax = L->d_out > omax ? L->d_out : omax;
         }
     pv->n_w = total;
+    pv->o_max = omax;
     pv->budget = pv->cfg.p_budget < 0.0 ? 0 : (int64_t)floor(pv->cfg.p_budget * (double)pv->n_groups);
-    LV_ALLOC(pv->dW, total);
+done:
+    return st;
+}
+
+static lv_status pv_alloc_pstep(stage_pv *pv)
+{
+    lv_status st = LV_OK;
+    const lv_model_config *c = &pv->q->cfg;
+    const int64_t dmax = c->dim > c->hidden_dim ? c->dim : c->hidden_dim, omax = pv->o_max;
+    if (pv->dW) return LV_OK;
+    LV_ALLOC(pv->dW, pv->n_w);
     LV_ALLOC(pv->Wold, pv->w_max);
     LV_ALLOC(pv->Wnew, pv->w_max);
     LV_ALLOC(pv->Wt, pv->w_max);
@@ -282,7 +294,7 @@ lv_status stage_pv_init(stage_pv **out, const lv_model *fp, lv_qmodel *q, int mi
     LV_ALLOC(pv->dx, nd);
     LV_ALLOC(pv->logits, n * (size_t)pv->vocab);
     LV_ALLOC(pv->row_loss, n);
-    LV_TRY(pv_alloc_pstep(pv));
+    LV_TRY(pv_count_pstep(pv));
     *out = pv;
     pv = NULL;
 done:
@@ -885,6 +897,7 @@ lv_status stage_pv_pstep(stage_pv *pv, const int32_t *tokens, int64_t n_seq,
     int restore = 0; /* pv->csnap holds the codes from before the step */
     const double t0 = lv_now();
     if (!pv) LV_FAIL(LV_ERR_INVALID_ARG, "stage_pv_pstep: state is NULL");
+    LV_TRY(pv_alloc_pstep(pv));
     LV_TRY(pv_pass(pv, tokens, n_seq, 0, 1, &ps.loss));
     ps.n_groups = pv->n_groups;
     ps.budget = pv->budget;

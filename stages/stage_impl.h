@@ -83,6 +83,11 @@ double stage_aq_ref_norm(const stage_qprob *p, stage_aq_ws *w);
 /* Closed-form per-row scales; never raises the layer's objective. */
 lv_status stage_aq_update_scales(const stage_qprob *p, stage_aqlm_layer *L, stage_aq_ws *w);
 /* Beam search over L->codes with codebooks and scales fixed (needs STAGE_AQ_NEED_BEAM). */
+/* kern_beam_score_ref with the codebook transposed, cbT (g, K): bit-identical
+ * scores (the same operations in the same order), vectorised over K. */
+void stage_aq_beam_score(double *scores, const double *base, const double *u, const float *cbT,
+                         const double *cnorm, double s, int nb, int64_t K, int g);
+
 lv_status stage_aq_beam(const stage_qprob *p, stage_aqlm_layer *L, stage_aq_ws *w,
                         uint64_t seed, int64_t *n_candidates);
 lv_status stage_aq_check_config(const stage_aqlm_config *cfg);

@@ -87,6 +87,15 @@ if "$LLMVQ_BIN" plan "$T/job70.ini" --ranks 32 --json --rates "$T/r1.json" >"$T/
    && [ "$(json "$T/p70.json" "int(len(j['shards']) == 32 and sum(s[1]-s[0]+1 for s in j['shards']) == 80 and min(j['memory_bytes']) > 10*2**30 and j['total_predicted_s'] > 0 and not j['model']['weights_present'])")" = 1 ]; then
   ok "70B JSON: 80 blocks over 32 ranks, $(json "$T/p70.json" "round(max(j['memory_bytes'])/2**30,1)") GiB per rank"
 else bad "70B JSON"; fi
+# PV-tuning after the blocks: its own section; every rank holds the FP teacher (280 GB fp32)
+if "$LLMVQ_BIN" plan "$T/job70.ini" --ranks 32 --json --rates "$T/r1.json" --set pvtune.enable=true \
+     --set pvtune.batch_seqs=32 --set pvtune.micro_batch=1 >"$T/p70pv.json" 2>/dev/null \
+   && [ "$(json "$T/p70pv.json" "int(j['pvtune']['ranks_used'] == 32 and abs(j['pvtune']['memory_bytes_per_rank']['fp_teacher'] - 4*68976648192) < 1e9 and j['pvtune']['predicted_s'] > 0 and j['total_predicted_s'] > j['quantize_predicted_s'])")" = 1 ]; then
+  ok "70B + PV-tuning: $(json "$T/p70pv.json" "round(j['pvtune']['memory_bytes_per_rank']['host_total']/2**30)") GiB host per rank, $(json "$T/p70pv.json" "j['pvtune']['v_steps']") V steps"
+else bad "70B + PV-tuning JSON: $(head -c 300 "$T/p70pv.json")"; fi
+"$LLMVQ_BIN" plan "$T/job70.ini" --ranks 32 --rates "$T/r1.json" --set pvtune.enable=true >"$T/p70pv.txt" 2>&1 \
+  && grep -q 'PV-tuning host memory per rank' "$T/p70pv.txt" && ok "70B + PV-tuning table: $(grep -o 'predicted PV-tuning phase [^(]*' "$T/p70pv.txt")" \
+  || bad "70B + PV-tuning table: $(tail -n 5 "$T/p70pv.txt")"
 # quantize cannot run on a config alone: a clear error
 expect_error "quantize on config.json alone" "llama70b" \
   "$LLMVQ_BIN" quantize "$T/job70.ini" --quiet --set output.dir="$T/o70"
