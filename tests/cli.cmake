@@ -26,6 +26,7 @@ llmvq_add_script_test(NAME quantize_patience LABELS "cli;mpi;slow" ENV ${LLMVQ_M
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_patience.sh)
 llmvq_add_script_test(NAME quantize_apiq LABELS "cli;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_apiq.sh)
-# PV-tuning in quantize: 2 ranks byte-identical, kill -9 / SIGTERM / corrupt state resume.
-llmvq_add_script_test(NAME quantize_pv LABELS "cli;mpi" ENV ${LLMVQ_MPI_ASAN_ENV}
+# PV-tuning in quantize: 2 ranks byte-identical, kill -9 / SIGTERM / corrupt state resume
+# (slow: 9 runs; under ASan the PV code runs in test_stage_pvtune, test_pvtune_dist, test_h5).
+llmvq_add_script_test(NAME quantize_pv LABELS "cli;mpi;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_pv.sh)

@@ -150,6 +150,62 @@ static void copy_file(const char *from, const char *to, long keep)
     fclose(b);
 }
 
+/* A model with extra arrays (the PV-tuning checkpoint's layout): bit-exact
+ * round trip of every type; a wrong length, a missing group or damaged array
+ * bytes are errors naming the file. */
+static void test_model_extra(void **state)
+{
+    (void)state;
+    lv_qmodel *q = make_qmodel(9), *r = NULL;
+    const char *p = tpath("extra.h5");
+    float f[5] = {1.5f, -2.0f, 3.25f, 0.0f, 1e-30f}, f2[5];
+    double d[2] = {3.141592653589793, -1e300}, d2[2];
+    int64_t i64[3] = {-7, 0, 1LL << 40}, i2[3];
+    uint64_t u64[4] = {1, 2, 3, ~0ULL}, u2[4];
+    uint16_t u16[6] = {0, 1, 65535, 7, 8, 9}, h2[6];
+    const io_array w[] = {{"f", IO_ARR_F32, 5, f},     {"d", IO_ARR_F64, 2, d},
+                          {"i", IO_ARR_I64, 3, i64},   {"u", IO_ARR_U64, 4, u64},
+                          {"h", IO_ARR_U16, 6, u16}};
+    io_array rd[] = {{"f", IO_ARR_F32, 5, f2},   {"d", IO_ARR_F64, 2, d2},
+                     {"i", IO_ARR_I64, 3, i2},   {"u", IO_ARR_U64, 4, u2},
+                     {"h", IO_ARR_U16, 6, h2}};
+    assert_int_equal(io_qmodel_write_extra(q, p, "state", w, 5), LV_OK);
+    assert_int_equal(io_qmodel_read_extra(&r, p, "state", rd, 5), LV_OK);
+    assert_memory_equal(f, f2, sizeof f);
+    assert_memory_equal(d, d2, sizeof d);
+    assert_memory_equal(i64, i2, sizeof i64);
+    assert_memory_equal(u64, u2, sizeof u64);
+    assert_memory_equal(u16, h2, sizeof u16);
+    for (int l = 0; l < q->cfg.n_layers; l++) assert_blocks_equal(&q->blocks[l], &r->blocks[l], q->cfg.dim);
+    lv_qmodel_free(r);
+    r = NULL;
+    /* a plain model reader ignores the group */
+    assert_int_equal(io_qmodel_read(&r, p), LV_OK);
+    lv_qmodel_free(r);
+    r = NULL;
+    /* the expected length differs */
+    rd[2].n = 4;
+    expect_fail(io_qmodel_read_extra(&r, p, "state", rd, 5), p, "dimension");
+    assert_null(r);
+    rd[2].n = 3;
+    /* no such group */
+    expect_fail(io_qmodel_read_extra(&r, p, "other", rd, 5), p, "group other missing");
+    /* other bytes in one array under the old checksum: only the checksum can tell */
+    const char *p2 = tpath("extra2.h5");
+    copy_file(p, p2, -1);
+    hid_t fh = H5Fopen(p2, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(fh >= 0);
+    hid_t ds = H5Dopen2(fh, "state/f", H5P_DEFAULT);
+    assert_true(ds >= 0);
+    f[1] = -2.5f;
+    assert_true(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, f) >= 0);
+    H5Dclose(ds);
+    H5Fclose(fh);
+    expect_fail(io_qmodel_read_extra(&r, p2, "state", rd, 5), p2, "checksum mismatch in group state");
+    assert_null(r);
+    lv_qmodel_free(q);
+}
+
 static void test_block_checkpoints(void **state)
 {
     (void)state;
@@ -221,6 +277,7 @@ int main(void)
     if (!mkdtemp(g_dir)) return 1;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_model_roundtrip),
+        cmocka_unit_test(test_model_extra),
         cmocka_unit_test(test_block_checkpoints),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
