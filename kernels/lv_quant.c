@@ -1,4 +1,6 @@
 /* lv_quant.c: allocation and accounting of quantized layers, blocks, models. */
+#include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -172,4 +174,46 @@ double lv_qmodel_bits_per_weight(const lv_qmodel *q)
             weights += (double)L->d_out * (double)L->d_in;
         }
     return weights > 0 ? bits / weights : 0.0;
+}
+
+float lv_round_f16(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    const uint32_t sign = u & 0x80000000u, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return x; /* Inf, NaN */
+    float y;
+    if (a < 0x38800000u) { /* below 2^-14: fp16 subnormals are multiples of 2^-24 */
+        const float q = ldexpf(fabsf(x), 24); /* exact: a scaling by a power of two */
+        y = ldexpf(nearbyintf(q), -24);       /* ties to even in the default rounding mode */
+    } else {
+        /* keep 10 of the 23 mantissa bits, ties to even */
+        uint32_t r = a + 0x0fffu + ((a >> 13) & 1u);
+        r &= ~0x1fffu;
+        if (r > 0x477fe000u) r = 0x7f800000u; /* beyond 65504: Inf */
+        memcpy(&y, &r, sizeof y);
+    }
+    uint32_t v;
+    memcpy(&v, &y, sizeof v);
+    v |= sign;
+    memcpy(&y, &v, sizeof y);
+    return y;
+}
+
+lv_status lv_aq_layer_round_f16(lv_aq_layer *L, const char *what)
+{
+    lv_status st = LV_OK;
+    const int64_t ncb = (int64_t)L->M * ((int64_t)1 << L->nbits) * L->g;
+    for (int64_t i = 0; i < ncb; i++)
+        if (!isfinite(lv_round_f16(L->codebooks[i])))
+            LV_FAIL(LV_ERR_NUMERIC, "%s: codebooks[%lld] = %g is not finite in fp16 (|x| <= 65504)",
+                    what, (long long)i, (double)L->codebooks[i]);
+    for (int64_t i = 0; i < L->d_out; i++)
+        if (!isfinite(lv_round_f16(L->scales[i])))
+            LV_FAIL(LV_ERR_NUMERIC, "%s: scales[%lld] = %g is not finite in fp16 (|x| <= 65504)",
+                    what, (long long)i, (double)L->scales[i]);
+    for (int64_t i = 0; i < ncb; i++) L->codebooks[i] = lv_round_f16(L->codebooks[i]);
+    for (int64_t i = 0; i < L->d_out; i++) L->scales[i] = lv_round_f16(L->scales[i]);
+done:
+    return st;
 }

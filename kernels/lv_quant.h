@@ -81,6 +81,17 @@ typedef struct {
 lv_status lv_aq_layer_init(lv_aq_layer *L, int64_t d_out, int64_t d_in, int M, int nbits, int g);
 void lv_aq_layer_free(lv_aq_layer *L);
 
+/* x rounded to the nearest IEEE fp16 value (ties to even; subnormals kept),
+ * as a float: what an fp16 store and load give. |x| beyond the fp16 range
+ * (65504 + half an ulp) becomes +-Inf, NaN stays NaN. */
+float lv_round_f16(float x);
+
+/* Codebooks and scales of L rounded to fp16 values in place (quant.fp16: the
+ * stored model is then exactly what the HF AQLM export holds). A value that
+ * is not finite in fp16 leaves L unchanged and is LV_ERR_NUMERIC naming
+ * `what` and the tensor. */
+lv_status lv_aq_layer_round_f16(lv_aq_layer *L, const char *what);
+
 /* Empty blocks for cfg (norms, linears allocated per the shapes and config). */
 lv_status lv_qblock_init(lv_qblock *b, const lv_model_config *cfg, int M, int nbits, int g);
 void lv_qblock_free(lv_qblock *b);

@@ -46,6 +46,7 @@ static lv_status read_job(qjob *q, const job_file *j)
     const char *share = NULL;
     LV_TRY(job_get_str(j, "quant.share_codebooks", &share));
     q->share_model = !strcmp(share, "model");
+    LV_TRY(job_get_bool(j, "quant.fp16", &q->fp16));
     if (q->share_model && strcmp(q->prop, "fp") != 0)
         LV_FAIL(LV_ERR_INVALID_ARG, "quant.share_codebooks = model needs quant.propagation = fp "
                 "(the shared codebooks are fitted to every block's Hessian at once, so all "
@@ -234,6 +235,19 @@ void pipe_block_path(const qjob *q, int layer, char *path, size_t cap)
 
 /* One block: resume it from its checkpoint when that verifies, else quantize it
  * and checkpoint it; then advance the activations w->x_in to its outputs. */
+lv_status pipe_round_block_f16(const qjob *q, int layer, lv_qblock *b)
+{
+    lv_status st = LV_OK;
+    if (!q->fp16) return LV_OK;
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        char what[64];
+        snprintf(what, sizeof what, "quant.fp16: block %d %s", layer, lv_lin_name((lv_lin)k));
+        LV_TRY(lv_aq_layer_round_f16(&b->lin[k], what));
+    }
+done:
+    return st;
+}
+
 static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro)
 {
     lv_status st = LV_OK;
@@ -280,6 +294,7 @@ static lv_status run_block(qjob *q, int layer, qwork *w, lv_qblock *b, int micro
                layer + 1, fs.mse_before, fs.mse_after, fs.epochs, fs.wall_s);
     }
     q->prof[PIPE_PROF_FT] += lv_now() - t;
+    if (!resumed) LV_TRY(pipe_round_block_f16(q, layer, b));
     t = lv_now();
     if (!resumed || !prop_fp) {
         LV_TRY(io_qblock_fp_view(q->fp, layer, b, w->wq_scratch, w->layers, &view));

@@ -27,6 +27,7 @@ typedef struct {
     /* job */
     const char *model_path, *tok_path, *calib_path, *out_dir, *eval_path, *prop;
     int share_model;     /* quant.share_codebooks = model */
+    int fp16;            /* quant.fp16: codebooks and scales rounded to fp16 values */
     int rank_logs;       /* --rank-logs */
     int n_ranks;         /* ranks of this run */
     int64_t apiq_rank, apiq_iters; /* [apiq]: LoRA adapters (rank 0 = none) */
@@ -102,6 +103,9 @@ void pipe_block_path(const qjob *q, int layer, char *path, size_t cap);
  * (beam searches split over the ranks' shards), joint fine-tuning, then each
  * rank checkpoints the blocks of its shard. Collective. */
 lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, pipe_progress *prog, double t_start);
+
+/* quant.fp16: codebooks and scales of b rounded to fp16 values (quantize.c). */
+lv_status pipe_round_block_f16(const qjob *q, int layer, lv_qblock *b);
 
 /* Perplexity of m on output.eval_data (quantize.c). */
 lv_status pipe_eval_model(const lv_model *m, const qjob *q, double *ppl);

@@ -247,6 +247,7 @@ lv_status pipe_pv_tune(qjob *q, comm_ctx *comm, lv_qmodel **qm)
         lv_log("pv-tune: data-parallel over %d ranks (micro-batch m and linear i on rank "
                "i %% %d)", c.size, c.size);
     LV_TRY(stage_pv_tune(q->fp, *qm, pv_seqs, pv_n, q->T, &pv, &q->pv_stats));
+    for (int l = 0; l < (*qm)->cfg.n_layers; l++) LV_TRY(pipe_round_block_f16(q, l, &(*qm)->blocks[l]));
     if (resumed) q->pv_resumed_from = rs.stats.v_steps;
     lv_log("PV-tuning: held-out loss %.5g -> %.5g, %lld V steps, %lld P steps (%lld code groups "
            "changed), %.1f s", q->pv_stats.loss_before, q->pv_stats.loss_after,

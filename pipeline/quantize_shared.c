@@ -270,6 +270,9 @@ lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, pipe_progress *prog, dou
                "%.1f s)", fs.mse_before, fs.mse_after, fs.epochs, fs.wall_s);
     }
 
+    for (int l = 0; l < c->n_layers; l++) /* every rank: the copies stay identical */
+        LV_TRY(pipe_round_block_f16(q, l, &qm->blocks[l]));
+
     /* step 4: this rank's blocks */
     size_t lin = 0;
     for (int k = 0; k < LV_LIN_COUNT; k++) {

@@ -15,6 +15,7 @@
 #include <hdf5.h>
 
 #include "io.h"
+#include "io_impl.h" /* io_f16_to_f32 */
 #include "kern.h"
 
 static char g_dir[64];
@@ -206,6 +207,56 @@ static void test_model_extra(void **state)
     lv_qmodel_free(q);
 }
 
+/* lv_round_f16 (quant.fp16) equals an fp16 store and load (io_f32_to_f16 +
+ * io_f16_to_f32, the HF export's conversion) on normals, subnormals, ties,
+ * the range edge and specials; a layer rounds idempotently, and a value
+ * beyond fp16 is refused with the layer unchanged. */
+static void test_round_f16(void **state)
+{
+    (void)state;
+    lv_rng r;
+    lv_rng_seed(&r, 4);
+    const float special[] = {0.0f, -0.0f, 1.0f, 65504.0f, 65519.0f, 65520.0f, -65520.0f, 1e6f,
+                             6.1035156e-05f, 6.0e-05f, 5.9604645e-08f, 2.9802322e-08f,
+                             2.98023259e-08f, 1e-9f, 1.00048828125f, 1.00146484375f,
+                             INFINITY, -INFINITY};
+    for (size_t i = 0; i < sizeof special / sizeof special[0]; i++) {
+        const float x = special[i], a = lv_round_f16(x), b = io_f16_to_f32(io_f32_to_f16(x));
+        assert_memory_equal(&a, &b, sizeof a);
+    }
+    for (int i = 0; i < 200000; i++) {
+        uint32_t u = (uint32_t)lv_rng_u64(&r);
+        float x;
+        memcpy(&x, &u, sizeof x);
+        if (isnan(x)) continue;
+        const float a = lv_round_f16(x), b = io_f16_to_f32(io_f32_to_f16(x));
+        assert_memory_equal(&a, &b, sizeof a);
+        const float y = lv_rng_normal(&r) * 0.05f, c = lv_round_f16(y);
+        const float d = io_f16_to_f32(io_f32_to_f16(y));
+        assert_memory_equal(&c, &d, sizeof c);
+        assert_true(lv_round_f16(c) == c);
+    }
+    assert_true(isnan(lv_round_f16(NAN)));
+    lv_aq_layer L;
+    memset(&L, 0, sizeof L);
+    assert_int_equal(lv_aq_layer_init(&L, 4, 8, 1, 3, 4), LV_OK);
+    for (int i = 0; i < 8 * 4; i++) L.codebooks[i] = lv_rng_normal(&r);
+    for (int i = 0; i < 4; i++) L.scales[i] = 1.0f + lv_rng_uniform(&r);
+    assert_int_equal(lv_aq_layer_round_f16(&L, "t"), LV_OK);
+    float cb[32], sc[4];
+    memcpy(cb, L.codebooks, sizeof cb);
+    memcpy(sc, L.scales, sizeof sc);
+    assert_int_equal(lv_aq_layer_round_f16(&L, "t"), LV_OK);
+    assert_memory_equal(cb, L.codebooks, sizeof cb);
+    assert_memory_equal(sc, L.scales, sizeof sc);
+    L.codebooks[5] = 1e5f;
+    L.scales[0] = 1.2345678f;
+    assert_int_equal(lv_aq_layer_round_f16(&L, "block 3 wq"), LV_ERR_NUMERIC);
+    assert_non_null(strstr(lv_last_error(), "block 3 wq: codebooks[5]"));
+    assert_true(L.scales[0] == 1.2345678f); /* unchanged */
+    lv_aq_layer_free(&L);
+}
+
 static void test_block_checkpoints(void **state)
 {
     (void)state;
@@ -278,6 +329,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_model_roundtrip),
         cmocka_unit_test(test_model_extra),
+        cmocka_unit_test(test_round_f16),
         cmocka_unit_test(test_block_checkpoints),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
