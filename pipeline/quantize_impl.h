@@ -18,7 +18,7 @@ enum {
     PIPE_PROF_QFWD,      /* quantized block forward for the block error / propagation */
     PIPE_PROF_IO,        /* checkpoint reads and writes */
     PIPE_PROF_APIQ,      /* ApiQ: AQLM + LoRA fits of every linear (apiq.rank > 0) */
-    PIPE_PROF_PV,        /* PV-tuning of the assembled model (rank 0) */
+    PIPE_PROF_PV,        /* PV-tuning of the assembled model (every rank) */
     PIPE_PROF_N
 };
 extern const char *const pipe_prof_names[PIPE_PROF_N];
