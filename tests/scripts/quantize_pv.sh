@@ -4,7 +4,8 @@
 #     split over the ranks) writes a model.h5 byte-identical to 1 process;
 #  2. kill -9 while PV-tuning (after the k-th checkpoint CKPT/pv_state.h5):
 #     the rerun continues from that step ("resumed at epoch") and ends
-#     byte-identical; also under mpirun with one rank killed;
+#     byte-identical; also under mpirun with one rank killed, rerun on 2 ranks
+#     or on 1 process;
 #  3. SIGTERM while PV-tuning: exit status 75 (stopped) with pv_state.h5 written,
 #     the rerun ends byte-identical;
 #  4. a corrupt pv_state.h5 is named in a warning and PV-tuning starts over,
@@ -18,7 +19,8 @@ cmd_for() { # cmd_for DIR NP: the command line, in the array CMD
   CMD=("$LLMVQ_BIN" quantize "$JOB" --set output.eval_data= --set calibration.nsamples=24
        --set calibration.seqlen=128 --set quant.max_iters=4 --set finetune.max_epochs=2
        --set pvtune.nsamples=0 --set pvtune.max_epochs=4 --set pvtune.batch_seqs=4 --set pvtune.micro_batch=2
-       --set pvtune.p_every=3 --set pvtune.checkpoint_every=1 --set output.dir="$d")
+       --set pvtune.lr=3e-4 --set pvtune.p_every=4 --set pvtune.p_budget=2e-4
+       --set pvtune.checkpoint_every=1 --set output.dir="$d")
   if [ "$np" -gt 0 ]; then CMD=(mpirun -np "$np" "${CMD[@]}"); fi
 }
 run() { cmd_for "$1" "${2:-0}"; "${CMD[@]}"; }
@@ -42,15 +44,20 @@ grep -q "PV-tuning: held-out loss" "$T/ref.log" && ok "reference run PV-tuned: $
   || bad "reference run did not PV-tune"
 [ -e "$T/ref/checkpoint/pv_state.h5" ] && bad "pv_state.h5 left after the run" || ok "pv_state.h5 removed once pvtuned.h5 is written"
 grep -q '"pvtune"' "$T/ref/summary.json" && ok "summary.json has pvtune" || bad "summary.json lacks pvtune"
+# the tuned model must differ from the block-wise one, or the byte-identity checks below prove little
+python3 -c "import json,sys; p=json.load(open(sys.argv[1]))['pvtune']; sys.exit(0 if p['loss_after'] < p['loss_before'] and p['best_step'] > 4 and p['p_steps'] > 0 else 1)" "$T/ref/summary.json" \
+  && ok "PV-tuning improved the held-out loss with P steps before the kept step" || bad "PV-tuning kept the input model: $(grep -A12 '"pvtune"' "$T/ref/summary.json" | tr -d '\n\t')"
 
 # 1. 2 ranks
 run "$T/np2" 2 >/dev/null 2>"$T/np2.log" || bad "2-rank run failed: $(tail -n 3 "$T/np2.log")"
 grep -q "data-parallel over 2 ranks" "$T/np2.log" && ok "2 ranks: PV-tuning data-parallel" || bad "2 ranks: no data-parallel PV line"
 same "2 ranks" "$T/np2"
 
-# 2. kill -9 after the 5th checkpoint: 1 process, then 2 ranks with one rank killed
-for np in 0 2; do
-  d=$T/kill$np
+# 2. kill -9 after the 5th checkpoint: 1 process; 2 ranks with one rank killed, rerun on 2
+#    ranks; the same, rerun on 1 process (the state does not depend on the rank count)
+for spec in 0:0 2:2 2:0; do
+  np=${spec%%:*}; rnp=${spec##*:}
+  d=$T/kill$np$rnp
   cmd_for "$d" $np
   "${CMD[@]}" >/dev/null 2>"$d.log" &
   pid=$!
@@ -63,12 +70,12 @@ for np in 0 2; do
   fi
   wait "$pid" 2>/dev/null
   [ -e "$d/checkpoint/pv_state.h5" ] && ok "np=$np: pv_state.h5 present after kill -9" || bad "np=$np: no pv_state.h5 after kill -9"
-  if run "$d" $np >/dev/null 2>"$d.rerun.log"; then
-    grep -q "pv-tune: resumed at epoch" "$d.rerun.log" && ok "np=$np: rerun resumed PV-tuning: $(grep -o 'resumed at epoch.*' "$d.rerun.log" | head -n 1)" \
-      || bad "np=$np: rerun did not resume PV-tuning"
-    same "np=$np kill -9 + rerun" "$d"
+  if run "$d" $rnp >/dev/null 2>"$d.rerun.log"; then
+    grep -q "pv-tune: resumed at epoch" "$d.rerun.log" && ok "np=$np -> $rnp: rerun resumed PV-tuning: $(grep -o 'resumed at epoch.*' "$d.rerun.log" | head -n 1)" \
+      || bad "np=$np -> $rnp: rerun did not resume PV-tuning"
+    same "np=$np kill -9 + rerun on np=$rnp" "$d"
   else
-    bad "np=$np: rerun failed: $(tail -n 3 "$d.rerun.log")"
+    bad "np=$np -> $rnp: rerun failed: $(tail -n 3 "$d.rerun.log")"
   fi
 done
 
