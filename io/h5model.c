@@ -672,6 +672,29 @@ done:
     return st;
 }
 
+lv_status io_qmodel_extra_length(const char *path, const char *name, int64_t *n)
+{
+    lv_status st = LV_OK;
+    hid_t f = -1, d = -1, sp = -1;
+    hsize_t dim = 0;
+    *n = 0;
+    LV_TRY(open_checked(&f, path, H5_FORMAT_NAME));
+    if (H5Lexists(f, name, H5P_DEFAULT) <= 0) /* also false when the group is missing */
+        LV_FAIL(LV_ERR_FORMAT, "%s: dataset %s missing", path, name);
+    H5CHK(d = H5Dopen2(f, name, H5P_DEFAULT), "%s: cannot open %s", path, name);
+    H5CHK(sp = H5Dget_space(d), "%s: %s: dataspace", path, name);
+    if (H5Sget_simple_extent_ndims(sp) != 1)
+        LV_FAIL(LV_ERR_FORMAT, "%s: dataset %s is not 1-D", path, name);
+    H5Sget_simple_extent_dims(sp, &dim, NULL);
+    if (dim > (hsize_t)1 << 40) LV_FAIL(LV_ERR_FORMAT, "%s: dataset %s: implausible length", path, name);
+    *n = (int64_t)dim;
+done:
+    if (sp >= 0) H5Sclose(sp);
+    if (d >= 0) H5Dclose(d);
+    if (f >= 0) H5Fclose(f);
+    return st;
+}
+
 lv_status io_qmodel_read(lv_qmodel **out, const char *path)
 {
     return io_qmodel_read_extra(out, path, NULL, NULL, 0);

@@ -84,6 +84,9 @@ lv_status io_qmodel_write_extra(const lv_qmodel *q, const char *path, const char
  * verified: a missing, resized or corrupt array is LV_ERR_FORMAT naming it). */
 lv_status io_qmodel_read_extra(lv_qmodel **out, const char *path, const char *group,
                                io_array *arr, int n_arr);
+/* Length of the 1-D dataset `name` ("group/dataset") of a model file written by
+ * io_qmodel_write_extra, to size the buffers of io_qmodel_read_extra. */
+lv_status io_qmodel_extra_length(const char *path, const char *name, int64_t *n);
 
 /* An FP model whose linears are the dequantized ones (owned arena), so that
  * every FP path (eval, generate, convert) runs a quantized model. LoRA

@@ -1,6 +1,6 @@
 /* cmd_inspect.c: `llmvq inspect PATH [--json]`: what a run has finished, what
  * is left, and whether every checkpoint verifies (format, shapes, values,
- * checksum). PATH is an output directory, a checkpoint directory, a model.h5 or
+ * checksum), PV-tuning's state and result included. PATH is an output directory, a checkpoint directory, a model.h5 or
  * one block file. Exit 0 when everything present verifies, 1 otherwise. */
 #include <dirent.h>
 #include <inttypes.h>
@@ -199,6 +199,56 @@ int pipe_cmd_inspect(int argc, char **argv)
     }
     if (ckpt[0]) LV_TRY(inspect_ckpt(ckpt, json, root, &t));
     if (ckpt[0] && t.have) print_missing(&t, json, root);
+    if (ckpt[0]) { /* PV-tuning: the state of an interrupted run, the result */
+        char sp[4400], rp[4400], line[1024] = "";
+        snprintf(sp, sizeof sp, "%s/pv_state.h5", ckpt);
+        snprintf(rp, sizeof rp, "%s/pvtuned.h5", ckpt);
+        cJSON *o = NULL;
+        if (json && (is_file(sp) || is_file(rp))) o = cJSON_AddObjectToObject(root, "pvtune");
+        if (is_file(sp)) {
+            pipe_pv_progress pp;
+            lv_status ps = pipe_pv_state_inspect(sp, &pp);
+            if (ps != LV_OK) lv_last_error_line(line, sizeof line);
+            bad_model |= ps != LV_OK;
+            if (json) {
+                cJSON *x = cJSON_AddObjectToObject(o, "state");
+                cJSON_AddBoolToObject(x, "ok", ps == LV_OK);
+                if (ps == LV_OK) {
+                    cJSON_AddNumberToObject(x, "epoch", (double)pp.epoch);
+                    cJSON_AddNumberToObject(x, "v_steps", (double)pp.v_steps);
+                    cJSON_AddNumberToObject(x, "p_steps", (double)pp.p_steps);
+                    cJSON_AddNumberToObject(x, "best_heldout_loss", pp.best);
+                    cJSON_AddNumberToObject(x, "heldout_loss_before", pp.loss_before);
+                } else {
+                    cJSON_AddStringToObject(x, "error", line);
+                }
+            } else if (ps == LV_OK) {
+                printf("PV-tuning state pv_state.h5: ok, epoch %lld, %lld V / %lld P steps done, "
+                       "held-out loss %.6g -> best %.6g (a rerun continues from here)\n",
+                       (long long)pp.epoch, (long long)pp.v_steps, (long long)pp.p_steps,
+                       pp.loss_before, pp.best);
+            } else {
+                printf("PV-tuning state pv_state.h5: CORRUPT  %s (a rerun starts PV-tuning over)\n",
+                       line);
+            }
+        }
+        if (is_file(rp)) {
+            lv_qmodel *q = NULL;
+            lv_status rs = io_qmodel_read(&q, rp);
+            if (rs != LV_OK) lv_last_error_line(line, sizeof line);
+            bad_model |= rs != LV_OK;
+            if (json) {
+                cJSON *x = cJSON_AddObjectToObject(o, "result");
+                cJSON_AddBoolToObject(x, "ok", rs == LV_OK);
+                if (rs != LV_OK) cJSON_AddStringToObject(x, "error", line);
+            } else if (rs == LV_OK) {
+                printf("PV-tuning result pvtuned.h5: ok\n");
+            } else {
+                printf("PV-tuning result pvtuned.h5: CORRUPT  %s\n", line);
+            }
+            lv_qmodel_free(q);
+        }
+    }
     if (model[0]) {
         lv_qmodel *q = NULL;
         char line[1024] = "";

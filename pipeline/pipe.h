@@ -47,6 +47,16 @@ void pipe_signals_install(void);
 int pipe_stop_requested(void);
 
 /* ---- subcommands ---- */
+/* What a PV-tuning checkpoint (CKPT/pv_state.h5) holds, read and verified in
+ * full (model checksum, state checksum, lengths) by pipe_pv_state_inspect
+ * (quantize_pv.c, for `llmvq inspect`). */
+typedef struct {
+    int64_t epoch, v_steps, p_steps, n_param, n_codes, n_train;
+    double best, loss_before;
+    uint64_t job_hash;
+} pipe_pv_progress;
+lv_status pipe_pv_state_inspect(const char *path, pipe_pv_progress *out);
+
 int pipe_cmd_eval(int argc, char **argv);
 int pipe_cmd_generate(int argc, char **argv);
 int pipe_cmd_convert(int argc, char **argv);

@@ -171,6 +171,38 @@ static int pv_load_state(pv_ctx *c, lv_qmodel **qm, stage_pv_state *s, void **bu
     return 1;
 }
 
+lv_status pipe_pv_state_inspect(const char *path, pipe_pv_progress *out)
+{
+    lv_status st = LV_OK;
+    lv_qmodel *r = NULL;
+    unsigned char *b = NULL;
+    int64_t np = 0, nc = 0, nt = 0, ints[PVI_N];
+    double dbls[PVD_N];
+    io_array a[8];
+    memset(out, 0, sizeof *out);
+    LV_TRY(io_qmodel_extra_length(path, "pv_state/adam_m", &np));
+    LV_TRY(io_qmodel_extra_length(path, "pv_state/best_codes", &nc));
+    LV_TRY(io_qmodel_extra_length(path, "pv_state/perm", &nt));
+    LV_ALLOC(b, sizeof(float) * (size_t)(3 * np) + sizeof(uint16_t) * (size_t)nc +
+                    sizeof(int64_t) * (size_t)nt + 16);
+    stage_pv_state s = {.n_param = np, .n_codes = nc, .n_train = nt};
+    float *f = (float *)b;
+    int64_t *perm = (int64_t *)(f + 3 * np);
+    s.m = f, s.v = f + np, s.best_param = f + 2 * np, s.perm = perm;
+    s.best_codes = (uint16_t *)(perm + nt);
+    const int n = pv_arrays(&s, ints, dbls, a);
+    LV_TRY(io_qmodel_read_extra(&r, path, "pv_state", a, n));
+    pv_unpack(&s, ints, dbls);
+    *out = (pipe_pv_progress){.epoch = s.epoch, .v_steps = s.stats.v_steps,
+                              .p_steps = s.stats.p_steps, .n_param = np, .n_codes = nc,
+                              .n_train = nt, .best = s.best, .loss_before = s.stats.loss_before,
+                              .job_hash = r->job_hash};
+done:
+    lv_qmodel_free(r);
+    free(b);
+    return st;
+}
+
 lv_status pipe_pv_tune(qjob *q, comm_ctx *comm, lv_qmodel **qm)
 {
     lv_status st = LV_OK, global = LV_OK;

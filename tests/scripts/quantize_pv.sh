@@ -70,6 +70,10 @@ for spec in 0:0 2:2 2:0; do
   fi
   wait "$pid" 2>/dev/null
   [ -e "$d/checkpoint/pv_state.h5" ] && ok "np=$np: pv_state.h5 present after kill -9" || bad "np=$np: no pv_state.h5 after kill -9"
+  if [ "$spec" = 0:0 ]; then  # llmvq inspect shows where PV-tuning stands
+    "$LLMVQ_BIN" inspect "$d" >"$d.insp" 2>&1 && grep -q "PV-tuning state pv_state.h5: ok, epoch" "$d.insp" \
+      && ok "inspect: $(grep -o 'PV-tuning state.*' "$d.insp")" || bad "inspect after kill: $(cat "$d.insp")"
+  fi
   if run "$d" $rnp >/dev/null 2>"$d.rerun.log"; then
     grep -q "pv-tune: resumed at epoch" "$d.rerun.log" && ok "np=$np -> $rnp: rerun resumed PV-tuning: $(grep -o 'resumed at epoch.*' "$d.rerun.log" | head -n 1)" \
       || bad "np=$np -> $rnp: rerun did not resume PV-tuning"
@@ -99,6 +103,10 @@ wait "$pid" 2>/dev/null
 if [ -e "$d/checkpoint/pv_state.h5" ]; then
   size=$(stat -c %s "$d/checkpoint/pv_state.h5")
   printf 'garbage!' | dd of="$d/checkpoint/pv_state.h5" bs=1 seek=$((size - 2000)) conv=notrunc 2>/dev/null
+  rc=0; "$LLMVQ_BIN" inspect "$d" >"$d.insp" 2>&1 || rc=$?
+  [ $rc -eq 1 ] && grep -q "PV-tuning state pv_state.h5: CORRUPT" "$d.insp" \
+    && ok "inspect reports the damaged state (exit 1): $(grep -o 'CORRUPT.*' "$d.insp" | head -c 150)" \
+    || bad "inspect of a damaged pv_state.h5: exit $rc: $(cat "$d.insp")"
   if run "$d" >/dev/null 2>"$d.rerun.log"; then
     grep -q "pv_state.h5: not used" "$d.rerun.log" && ok "corrupt pv_state.h5: $(grep -o 'pv_state.h5: not used.*' "$d.rerun.log" | head -c 200)" \
       || bad "corrupt pv_state.h5 not reported"
