@@ -180,6 +180,14 @@ static void test_model_extra(void **state)
     for (int l = 0; l < q->cfg.n_layers; l++) assert_blocks_equal(&q->blocks[l], &r->blocks[l], q->cfg.dim);
     lv_qmodel_free(r);
     r = NULL;
+    /* the lengths, to size the buffers of a reader that does not know them */
+    int64_t len = 0;
+    assert_int_equal(io_qmodel_extra_length(p, "state/u", &len), LV_OK);
+    assert_int_equal(len, 4);
+    assert_int_equal(io_qmodel_extra_length(p, "state/h", &len), LV_OK);
+    assert_int_equal(len, 6);
+    expect_fail(io_qmodel_extra_length(p, "state/nope", &len), p, "state/nope missing");
+    expect_fail(io_qmodel_extra_length(p, "other/f", &len), p, "other/f missing");
     /* a plain model reader ignores the group */
     assert_int_equal(io_qmodel_read(&r, p), LV_OK);
     lv_qmodel_free(r);
