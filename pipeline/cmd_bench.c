@@ -93,19 +93,6 @@ static void ring_free(bench_ring *R)
     R->n = 0;
 }
 
-/* v rounded to the nearest fp16 value (to nearest even on the 10 mantissa bits), for
- * --fp16-codebooks (AQLM checkpoints store fp16 codebooks); |v| under 2^-14 (fp16
- * subnormals) becomes 0. */
-static float round_to_fp16(float v)
-{
-    if (fabsf(v) < 6.103515625e-05f) return 0.0f;
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    u = (u + 0xFFFu + ((u >> 13) & 1u)) & ~0x1FFFu;
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
-
 /* A random layer (uniform codes, N(0, 0.05) codebooks, scales near 1), its dequantized
  * twin, and copies of both (see the top of the file). */
 static lv_status ring_init(const bench_gemv_args *a, bench_ring *R)
@@ -133,7 +120,7 @@ static lv_status ring_init(const bench_gemv_args *a, bench_ring *R)
         for (int64_t t = 0; t < n_codes; t++) L->codes[t] = (uint16_t)(lv_rng_u64(&r) % (uint64_t)K);
         for (int64_t t = 0; t < n_cb; t++) L->codebooks[t] = 0.05f * lv_rng_normal(&r);
         if (a->fp16_cb)
-            for (int64_t t = 0; t < n_cb; t++) L->codebooks[t] = round_to_fp16(L->codebooks[t]);
+            for (int64_t t = 0; t < n_cb; t++) L->codebooks[t] = lv_round_f16(L->codebooks[t]);
         for (int64_t t = 0; t < a->rows; t++) L->scales[t] = 1.0f + 0.1f * lv_rng_normal(&r);
         kern_aq_dequant_ref(R->w[0], L->codes, L->codebooks, L->scales, a->rows, a->cols,
                             L->n_groups, a->M, (int)K, a->g);

@@ -494,10 +494,7 @@ static pv_cost predict_pv(const plan_job *p, const plan_rates *r, int n_ranks)
     const lv_model_config *c = &p->cfg;
     const stage_pv_config *pc = &p->pv;
     const int kl = pc->loss == STAGE_PV_LOSS_KL, T = p->T;
-    v.n_val = p->pv_n >= 2 ? (int64_t)ceil(pc->holdout_frac * (double)p->pv_n) : 0;
-    if (p->pv_n >= 2 && v.n_val < 1) v.n_val = 1;
-    if (v.n_val > p->pv_n - 1) v.n_val = p->pv_n - 1;
-    v.n_train = p->pv_n - v.n_val;
+    ft_split(p->pv_n, pc->holdout_frac, &v.n_train, &v.n_val); /* the same rule as the stage */
     const int64_t bmax = v.n_train < pc->batch_seqs ? v.n_train : pc->batch_seqs;
     const int64_t per_epoch = (v.n_train + bmax - 1) / bmax;
     const int64_t mb = pc->micro_batch < bmax ? pc->micro_batch : bmax;

@@ -130,6 +130,21 @@ static int pv_stop(void *user)
     return any;
 }
 
+/* One allocation for the arrays of a stage_pv_state of these lengths; s points
+ * into it (caller frees the return value; NULL when out of memory). */
+static void *pv_state_alloc(stage_pv_state *s, int64_t np, int64_t nc, int64_t nt)
+{
+    unsigned char *b = malloc(sizeof(float) * (size_t)(3 * np) + sizeof(int64_t) * (size_t)nt +
+                              sizeof(uint16_t) * (size_t)nc + 16);
+    *s = (stage_pv_state){.n_param = np, .n_codes = nc, .n_train = nt};
+    if (!b) return NULL;
+    float *f = (float *)b;
+    int64_t *perm = (int64_t *)(f + 3 * np);
+    s->m = f, s->v = f + np, s->best_param = f + 2 * np, s->perm = perm;
+    s->best_codes = (uint16_t *)(perm + nt);
+    return b;
+}
+
 /* A verified pv_state.h5 of this job and model: its model into *qm, its state
  * into *s and the buffers (caller frees *buf). 0 when there is none. */
 static int pv_load_state(pv_ctx *c, lv_qmodel **qm, stage_pv_state *s, void **buf)
@@ -141,14 +156,8 @@ static int pv_load_state(pv_ctx *c, lv_qmodel **qm, stage_pv_state *s, void **bu
     io_array a[8];
     if (access(c->state_path, F_OK) != 0) return 0;
     stage_pv_state_dims(*qm, q->pv_seqs ? q->pv_nsamples : q->n_seq, &q->pv, &np, &nc, &nt);
-    unsigned char *b = malloc(sizeof(float) * (size_t)(3 * np) + sizeof(uint16_t) * (size_t)nc +
-                              sizeof(int64_t) * (size_t)nt + 16);
+    void *b = pv_state_alloc(s, np, nc, nt);
     if (!b) return 0;
-    *s = (stage_pv_state){.n_param = np, .n_codes = nc, .n_train = nt};
-    float *f = (float *)b;
-    int64_t *perm = (int64_t *)(f + 3 * np);
-    uint16_t *codes = (uint16_t *)(perm + nt);
-    s->m = f, s->v = f + np, s->best_param = f + 2 * np, s->perm = perm, s->best_codes = codes;
     const int n = pv_arrays(s, ints, dbls, a);
     const lv_status rst = io_qmodel_read_extra(&r, c->state_path, "pv_state", a, n);
     if (rst != LV_OK || r->job_hash != q->pv_hash || r->model_hash != q->model_hash ||
@@ -175,7 +184,7 @@ lv_status pipe_pv_state_inspect(const char *path, pipe_pv_progress *out)
 {
     lv_status st = LV_OK;
     lv_qmodel *r = NULL;
-    unsigned char *b = NULL;
+    void *b = NULL;
     int64_t np = 0, nc = 0, nt = 0, ints[PVI_N];
     double dbls[PVD_N];
     io_array a[8];
@@ -183,13 +192,8 @@ lv_status pipe_pv_state_inspect(const char *path, pipe_pv_progress *out)
     LV_TRY(io_qmodel_extra_length(path, "pv_state/adam_m", &np));
     LV_TRY(io_qmodel_extra_length(path, "pv_state/best_codes", &nc));
     LV_TRY(io_qmodel_extra_length(path, "pv_state/perm", &nt));
-    LV_ALLOC(b, sizeof(float) * (size_t)(3 * np) + sizeof(uint16_t) * (size_t)nc +
-                    sizeof(int64_t) * (size_t)nt + 16);
-    stage_pv_state s = {.n_param = np, .n_codes = nc, .n_train = nt};
-    float *f = (float *)b;
-    int64_t *perm = (int64_t *)(f + 3 * np);
-    s.m = f, s.v = f + np, s.best_param = f + 2 * np, s.perm = perm;
-    s.best_codes = (uint16_t *)(perm + nt);
+    stage_pv_state s;
+    if (!(b = pv_state_alloc(&s, np, nc, nt))) LV_FAIL(LV_ERR_NOMEM, "%s: out of memory", path);
     const int n = pv_arrays(&s, ints, dbls, a);
     LV_TRY(io_qmodel_read_extra(&r, path, "pv_state", a, n));
     pv_unpack(&s, ints, dbls);

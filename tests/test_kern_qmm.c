@@ -185,17 +185,6 @@ static void test_ws_reuse(void **state)
  * available ISA must give the bits of the portable path, and the portable path must be
  * within TOL_QMM_REL of the reference. An ISA this CPU lacks is refused
  * (LV_ERR_UNSUPPORTED) and skipped. */
-/* v rounded to an fp16 value (nearest even on 10 mantissa bits; |v| < 2^-14: 0). */
-static float round_fp16(float v)
-{
-    if (fabsf(v) < 6.103515625e-05f) return 0.0f;
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    u = (u + 0xFFFu + ((u >> 13) & 1u)) & ~0x1FFFu;
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
-
 /* fp16: 0 as made; 1 every codebook value rounded to fp16 (the fp16 codebook copy of
  * GATHER for 1xBg8, B >= 12); 2 the same but for the last value (not an fp16: the fp32
  * codebook is used). */
@@ -207,7 +196,7 @@ static void isa_case(int64_t d_out, int64_t d_in, int M, int nbits, int g, int64
     lv_aq_layer L = {0};
     make_layer(&L, &r, d_out, d_in, M, nbits, g);
     const int64_t n_cb = (int64_t)M * ((int64_t)1 << nbits) * g;
-    for (int64_t t = 0; fp16 && t < n_cb; t++) L.codebooks[t] = round_fp16(L.codebooks[t]);
+    for (int64_t t = 0; fp16 && t < n_cb; t++) L.codebooks[t] = lv_round_f16(L.codebooks[t]);
     if (fp16 == 2) L.codebooks[n_cb - 1] = 0.1f; /* not an fp16 */
     const int64_t ny = n * d_out;
     float *x = malloc(sizeof(float) * (size_t)(n * d_in));
