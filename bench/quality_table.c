@@ -9,11 +9,12 @@
  *
  * --rows: comma-separated rows or groups (default all):
  *   fp; rtn = rtn2,rtn3,rtn4; pm2 = pm2-init,pm2-aqlm,pm2-ft; shared =
- *   sh-init,sh-aqlm,sh-ft; pm4 = pm4-init,pm4-aqlm,pm4-ft. FP always runs (the
- *   ppl increase is relative to it).
+ *   sh-init,sh-aqlm,sh-ft; pm4 = pm4-init,pm4-aqlm,pm4-ft; sh4 =
+ *   sh4-init,sh4-aqlm,sh4-ft. FP always runs (the ppl increase is relative to it).
  * --cfg2 / --cfg4 (MxBgG, per-matrix codebooks; defaults 1x6g4 = the shipped
  *   2-bit per-matrix job, 1x4g1 = jobs/stories260K-4bit.ini) and --shared-cfg (codebooks
- *   shared by all linears, default 1x8g4).
+ *   shared by all linears, default 1x8g4); --shared4-cfg (the ~4-bit shared rows,
+ *   default 1x8g2 = jobs/stories260K-4bit.ini).
  * Paths default to jobs/demo/ (run from the repository root); override with
  * LLMVQ_MODEL, LLMVQ_TOKENIZER, LLMVQ_TEXT.
  *
@@ -71,6 +72,9 @@ static const row_def ROWS[] = {
     {"pm4-init", K_PM, S_INIT, 0, 1, "per-matrix: VPTQ init only"},
     {"pm4-aqlm", K_PM, S_AQLM, 0, 1, "per-matrix: + AQLM beam search"},
     {"pm4-ft", K_PM, S_FT, 0, 1, "per-matrix: + block fine-tuning"},
+    {"sh4-init", K_SHARED, S_INIT, 0, 3, "shared by 35 linears: VPTQ init only"},
+    {"sh4-aqlm", K_SHARED, S_AQLM, 0, 3, "shared by 35 linears: + AQLM beam search"},
+    {"sh4-ft", K_SHARED, S_FT, 0, 3, "shared by 35 linears: + shared block fine-tuning"},
 };
 #define N_ROWS ((int)(sizeof ROWS / sizeof ROWS[0]))
 
@@ -87,7 +91,7 @@ typedef struct {
     io_tokenizer *tok;
     int32_t *toks, *seqs; /* text tokens; calibration sequences (N_SEQ, SEQ_T) */
     int64_t n_tok, max_tokens;
-    int cfg[3][3];        /* M, nbits, g of cfg2, cfg4, shared */
+    int cfg[4][3];        /* M, nbits, g of cfg2, cfg4, shared, shared4 */
 } qt_ctx;
 
 static int parse_cfg(const char *s, int out[3])
@@ -406,8 +410,9 @@ static int select_rows(const char *list, int *sel)
             size_t n = strlen(t);
             int group = !strcmp(t, "all") ||
                         (!strcmp(t, "rtn") && ROWS[i].kind == K_RTN) ||
-                        (!strcmp(t, "shared") && ROWS[i].kind == K_SHARED) ||
-                        ((!strcmp(t, "pm2") || !strcmp(t, "pm4")) && !strncmp(id, t, n) &&
+                        (!strcmp(t, "shared") && ROWS[i].kind == K_SHARED && ROWS[i].cfg == 2) ||
+                        ((!strcmp(t, "pm2") || !strcmp(t, "pm4") || !strcmp(t, "sh4")) &&
+                         !strncmp(id, t, n) &&
                          id[n] == '-');
             if (group || !strcmp(t, id)) {
                 sel[i] = 1;
@@ -423,14 +428,14 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: bench_quality_table [--rows LIST] [--max-tokens N] [--cfg2 MxBgG] "
-            "[--cfg4 MxBgG] [--shared-cfg MxBgG] [--json FILE]\n  rows: all, fp, rtn, rtn2, rtn3, rtn4, pm2, "
-            "pm2-init, pm2-aqlm, pm2-ft, shared, sh-init, sh-aqlm, sh-ft, pm4, pm4-init, pm4-aqlm, "
-            "pm4-ft\n");
+            "[--cfg4 MxBgG] [--shared-cfg MxBgG] [--shared4-cfg MxBgG] [--json FILE]\n  rows: all, "
+            "fp, rtn, rtn2, rtn3, rtn4, pm2, pm2-init, pm2-aqlm, pm2-ft, shared, sh-init, sh-aqlm, "
+            "sh-ft, pm4, pm4-init, pm4-aqlm, pm4-ft, sh4, sh4-init, sh4-aqlm, sh4-ft\n");
 }
 
 /* The table as JSON (bench/run_all.sh turns it into the Pareto plot and docs/results.md). */
 static int write_json(const char *path, const qt_ctx *q, const int *sel, const row_result *res,
-                      const char *const names[3], int64_t n_tok, int64_t n_eval)
+                      const char *const names[4], int64_t n_tok, int64_t n_eval)
 {
     FILE *f = fopen(path, "w");
     if (!f) {
@@ -469,7 +474,7 @@ int main(int argc, char **argv)
     const char *model = bench_env_or("LLMVQ_MODEL", "jobs/demo/stories260K.bin");
     const char *tokp = bench_env_or("LLMVQ_TOKENIZER", "jobs/demo/tok512.bin");
     const char *text = bench_env_or("LLMVQ_TEXT", "jobs/demo/tinystories_val_subset.txt");
-    const char *rows = "all", *names[3] = {"1x6g4", "1x4g1", "1x8g4"}, *json = NULL;
+    const char *rows = "all", *names[4] = {"1x6g4", "1x4g1", "1x8g4", "1x8g2"}, *json = NULL;
     qt_ctx q;
     int sel[N_ROWS] = {0}, rc = 0;
     row_result res[N_ROWS];
@@ -491,6 +496,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--cfg2")) names[0] = v;
         else if (!strcmp(a, "--cfg4")) names[1] = v;
         else if (!strcmp(a, "--shared-cfg")) names[2] = v;
+        else if (!strcmp(a, "--shared4-cfg")) names[3] = v;
         else if (!strcmp(a, "--json")) json = v;
         else {
             usage();
@@ -498,7 +504,7 @@ int main(int argc, char **argv)
         }
         i++;
     }
-    for (int c = 0; c < 3; c++)
+    for (int c = 0; c < 4; c++)
         if (parse_cfg(names[c], q.cfg[c]) != 0) {
             fprintf(stderr, "bench_quality_table: bad config '%s' (want MxBgG)\n", names[c]);
             return 2;
