@@ -45,11 +45,11 @@ static const job_key schema[] = {
      "codebook update between code searches: Adam or closed-form least squares"},
     {"quant", "propagation", JOB_ENUM, "quantized", NOLIM, "quantized|fp",
      "inputs of the next block: outputs of the quantized block (AQLM) or of the FP one (parallel)"},
-    {"quant", "fp16", JOB_BOOL, "false", NOLIM, NULL,
+    {"quant", "fp16", JOB_BOOL, "true", NOLIM, NULL,
      "round codebooks and scales to fp16 values once each block is done (and after "
      "PV-tuning): model.h5 then holds exactly what bits_per_weight counts and what "
      "`export --format hf-aqlm` stores (a lossless export), and 1x16 codebooks take the fp16 "
-     "path of the inference kernels"},
+     "path of the inference kernels; false keeps them fp32 (what older model.h5 files hold)"},
     {"quant", "share_codebooks", JOB_ENUM, "none", NOLIM, "none|model",
      "none: codebooks per linear; model: ONE codebook tensor for every linear of the model "
      "(stored and counted once; needs propagation = fp; for small models, where per-linear "

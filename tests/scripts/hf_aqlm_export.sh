@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # llmvq export --format hf-aqlm on a real quantized stories260K (the demo job
-# with group size 4, which divides dim 64 and hidden_dim 172; no fine-tuning):
+# with group size 4, which divides dim 64 and hidden_dim 172; no fine-tuning;
+# quant.fp16 = false, fp32 codebooks and scales as older model.h5 files hold):
 # `llmvq eval` of the export gives the model.h5 perplexity within the fp16
 # rounding of codebooks and scales (measured: 18.0533 -> 18.0551, +1.0e-4
 # relative; tolerance 1e-3), re-exporting the export is byte-identical, and the
@@ -15,7 +16,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM
 json_get() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$@"; }
 
 if ! "$LLMVQ_BIN" quantize "$JOB" --quiet --set output.dir="$T/q" --set quant.group_size=4 \
-     --set finetune.enable=false --set output.eval_data= >/dev/null 2>"$T/qlog"; then
+     --set finetune.enable=false --set output.eval_data= --set quant.fp16=false >/dev/null 2>"$T/qlog"; then
   bad "quantize failed: $(tail -n 5 "$T/qlog")"; finish; exit 1
 fi
 if "$LLMVQ_BIN" export --model "$T/q/model.h5" --format hf-aqlm --out "$T/hf" --tokenizer "$TOK" 2>"$T/xlog"; then
