@@ -293,18 +293,9 @@ done:
     return st;
 }
 
-static lv_status put(FILE *f, const void *p, size_t n, const char *path)
-{
-    lv_status st = LV_OK;
-    if (n && fwrite(p, 1, n, f) != n) LV_FAIL(LV_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-done:
-    return st;
-}
-
 /* One AQLM tensor, row by row (rows permuted for q/k when needed), in the
  * file's little-endian dtype. buf holds at least one row of the largest tensor. */
-static lv_status write_aq_entry(FILE *f, const hfa_entry *e, int hd, unsigned char *buf,
-                                const char *path)
+static lv_status write_aq_entry(io_atomic *a, const hfa_entry *e, int hd, unsigned char *buf)
 {
     lv_status st = LV_OK;
     const lv_aq_layer *L = e->L;
@@ -314,7 +305,7 @@ static lv_status write_aq_entry(FILE *f, const hfa_entry *e, int hd, unsigned ch
         for (int64_t i = 0; i < n; i++) {
             uint16_t h = io_f32_to_f16(L->codebooks[i]);
             buf[0] = (unsigned char)h, buf[1] = (unsigned char)(h >> 8);
-            LV_TRY(put(f, buf, 2, path));
+            LV_TRY(io_atomic_write(a, buf, 2));
         }
         goto done;
     }
@@ -335,7 +326,7 @@ static lv_status write_aq_entry(FILE *f, const hfa_entry *e, int hd, unsigned ch
                 if (L->nbits > 8) buf[nb++] = (unsigned char)(bits >> 8);
             }
         }
-        LV_TRY(put(f, buf, nb, path));
+        LV_TRY(io_atomic_write(a, buf, nb));
     }
 done:
     return st;
@@ -345,9 +336,9 @@ static lv_status write_safetensors(const lv_qmodel *q, const char *path, size_t 
 {
     lv_status st = LV_OK;
     hfa_entry *e = NULL;
-    char *hdr = NULL, tmp[4200];
+    char *hdr = NULL;
     unsigned char *buf = NULL;
-    FILE *f = NULL;
+    io_atomic a = {0};
     int n = 0;
     size_t hlen = 0, row = 16;
     LV_TRY(build_entries(q, &e, &n, path));
@@ -358,31 +349,20 @@ static lv_status write_safetensors(const lv_qmodel *q, const char *path, size_t 
             if (r > row) row = r;
         }
     LV_ALLOC(buf, row);
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    f = fopen(tmp, "wb");
-    if (!f) LV_FAIL(LV_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
-    unsigned char len8[8];
-    for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
-    LV_TRY(put(f, len8, 8, path));
-    LV_TRY(put(f, hdr, hlen, path));
+    LV_TRY(io_atomic_open(&a, path));
+    LV_TRY(io_atomic_st_header(&a, hdr, hlen));
     *bytes = 8 + hlen;
     const int hd = lv_cfg_head_dim(&q->cfg);
     for (int i = 0; i < n; i++) {
         if (e[i].kind == HFA_F32)
-            LV_TRY(put(f, e[i].x, e[i].nbytes, path));
+            LV_TRY(io_atomic_write(&a, e[i].x, e[i].nbytes));
         else
-            LV_TRY(write_aq_entry(f, &e[i], hd, buf, path));
+            LV_TRY(write_aq_entry(&a, &e[i], hd, buf));
         *bytes += e[i].nbytes;
     }
-    int bad = fflush(f) != 0;
-    bad |= fclose(f) != 0;
-    f = NULL;
-    if (bad) LV_FAIL(LV_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
-    LV_TRY(io_commit_file(tmp, path));
-    tmp[0] = '\0';
+    LV_TRY(io_atomic_close(&a, 1));
 done:
-    if (f) fclose(f);
-    if (st != LV_OK && tmp[0]) unlink(tmp);
+    if (st != LV_OK) io_atomic_close(&a, 0);
     free(buf);
     free(hdr);
     free(e);
@@ -421,25 +401,6 @@ done:
     return st;
 }
 
-static lv_status write_text(const char *path, const char *text)
-{
-    lv_status st = LV_OK;
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    FILE *f = fopen(tmp, "wb");
-    if (!f) LV_FAIL(LV_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
-    int bad = fputs(text, f) < 0 || fputc('\n', f) == EOF;
-    bad |= fclose(f) != 0;
-    if (bad) {
-        unlink(tmp);
-        LV_FAIL(LV_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
-    }
-    st = io_commit_file(tmp, path);
-    if (st != LV_OK) unlink(tmp);
-done:
-    return st;
-}
-
 /* ---------------------------------------------------------------- public */
 
 lv_status io_qmodel_write_hf_aqlm(const lv_qmodel *q, const char *dir, io_hf_aqlm_report *rep)
@@ -460,7 +421,7 @@ lv_status io_qmodel_write_hf_aqlm(const lv_qmodel *q, const char *dir, io_hf_aql
         LV_FAIL(LV_ERR_IO, "%s: cannot remove stale index: %s", path, strerror(errno));
     snprintf(path, sizeof path, "%s/config.json", dir);
     LV_TRY(config_json(q, &cfg_text, path));
-    LV_TRY(write_text(path, cfg_text));
+    LV_TRY(io_atomic_write_text(path, cfg_text));
     if (rep) *rep = r;
 done:
     cJSON_free(cfg_text);

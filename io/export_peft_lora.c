@@ -148,31 +148,23 @@ done:
     return st;
 }
 
-static lv_status put(FILE *f, const void *p, size_t n, const char *path)
-{
-    lv_status st = LV_OK;
-    if (n && fwrite(p, 1, n, f) != n) LV_FAIL(LV_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-done:
-    return st;
-}
-
 /* One tensor row by row (q/k lora_B rows permuted); buf holds one row. */
-static lv_status write_entry(FILE *f, const peft_entry *e, int hd, int fp16, unsigned char *buf,
-                             const char *path)
+static lv_status write_entry(io_atomic *a, const peft_entry *e, int hd, int fp16,
+                             unsigned char *buf)
 {
     lv_status st = LV_OK;
     for (int64_t row = 0; row < e->rows; row++) {
         const int64_t src = e->permute ? io_rope_src_row(row, hd, 1) : row;
         const float *x = e->x + src * e->cols;
         if (!fp16) {
-            LV_TRY(put(f, x, (size_t)e->cols * sizeof(float), path));
+            LV_TRY(io_atomic_write(a, x, (size_t)e->cols * sizeof(float)));
             continue;
         }
         for (int64_t j = 0; j < e->cols; j++) {
             uint16_t h = io_f32_to_f16(x[j]);
             buf[2 * j] = (unsigned char)h, buf[2 * j + 1] = (unsigned char)(h >> 8);
         }
-        LV_TRY(put(f, buf, (size_t)e->cols * 2, path));
+        LV_TRY(io_atomic_write(a, buf, (size_t)e->cols * 2));
     }
 done:
     return st;
@@ -182,33 +174,21 @@ static lv_status write_safetensors(const lv_qmodel *q, const peft_entry *e, int 
                                    const char *path)
 {
     lv_status st = LV_OK;
-    char *hdr = NULL, tmp[4200];
+    char *hdr = NULL;
     unsigned char *buf = NULL;
-    FILE *f = NULL;
+    io_atomic a = {0};
     size_t hlen = 0;
     int64_t maxcols = 1;
-    tmp[0] = '\0';
     LV_TRY(header_json(e, n, fp16, &hdr, &hlen, path));
     for (int i = 0; i < n; i++) maxcols = e[i].cols > maxcols ? e[i].cols : maxcols;
     LV_ALLOC(buf, (size_t)maxcols * 2);
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    f = fopen(tmp, "wb");
-    if (!f) LV_FAIL(LV_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
-    unsigned char len8[8];
-    for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
-    LV_TRY(put(f, len8, 8, path));
-    LV_TRY(put(f, hdr, hlen, path));
+    LV_TRY(io_atomic_open(&a, path));
+    LV_TRY(io_atomic_st_header(&a, hdr, hlen));
     const int hd = lv_cfg_head_dim(&q->cfg);
-    for (int i = 0; i < n; i++) LV_TRY(write_entry(f, &e[i], hd, fp16, buf, path));
-    int bad = fflush(f) != 0;
-    bad |= fclose(f) != 0;
-    f = NULL;
-    if (bad) LV_FAIL(LV_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
-    LV_TRY(io_commit_file(tmp, path));
-    tmp[0] = '\0';
+    for (int i = 0; i < n; i++) LV_TRY(write_entry(&a, &e[i], hd, fp16, buf));
+    LV_TRY(io_atomic_close(&a, 1));
 done:
-    if (f) fclose(f);
-    if (st != LV_OK && tmp[0]) unlink(tmp);
+    if (st != LV_OK) io_atomic_close(&a, 0);
     free(buf);
     free(hdr);
     return st;
@@ -248,25 +228,6 @@ done:
     return st;
 }
 
-static lv_status write_text(const char *path, const char *text)
-{
-    lv_status st = LV_OK;
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    FILE *f = fopen(tmp, "wb");
-    if (!f) LV_FAIL(LV_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
-    int bad = fputs(text, f) < 0 || fputc('\n', f) == EOF;
-    bad |= fclose(f) != 0;
-    if (bad) {
-        unlink(tmp);
-        LV_FAIL(LV_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
-    }
-    st = io_commit_file(tmp, path);
-    if (st != LV_OK) unlink(tmp);
-done:
-    return st;
-}
-
 lv_status io_qmodel_write_peft_lora_opts(const lv_qmodel *q, const char *dir,
                                          const io_peft_lora_opts *opts)
 {
@@ -285,7 +246,7 @@ lv_status io_qmodel_write_peft_lora_opts(const lv_qmodel *q, const char *dir,
     LV_TRY(write_safetensors(q, e, n, o.fp16, path));
     snprintf(path, sizeof path, "%s/adapter_config.json", dir);
     LV_TRY(config_json(r, mask, o.base_model, &cfg_text, path));
-    LV_TRY(write_text(path, cfg_text));
+    LV_TRY(io_atomic_write_text(path, cfg_text));
 done:
     cJSON_free(cfg_text);
     free(e);

@@ -8,6 +8,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "io.h"
 
@@ -138,7 +139,28 @@ float io_bf16_to_f32(uint16_t h);
  * finite weights. Errors name `path`. Caller frees with io_model_free(). */
 lv_status io_llama2c_bind(lv_model **out, const void *buf, size_t size, const char *path);
 
-/* model_write.c pieces shared by the writers (export_hf_aqlm.c). */
+/* model_write.c pieces shared by the writers (export_hf_aqlm.c, export_peft_lora.c). */
+
+/* A file written under a temporary name in its final directory (PATH.tmp.PID.N,
+ * created with O_EXCL, mode 0666 & ~umask), then flushed, fsync'ed and renamed
+ * over PATH (io_commit_file): a reader, or a crash, never sees half a file, and a
+ * file may be rewritten while it is memory-mapped. Start from `io_atomic a = {0}`. */
+typedef struct {
+    FILE *f;
+    const char *path; /* borrowed */
+    char tmp[4200];
+} io_atomic;
+lv_status io_atomic_open(io_atomic *a, const char *path);
+/* n bytes; errors name the target path. */
+lv_status io_atomic_write(io_atomic *a, const void *p, size_t n);
+/* commit 1: flush, fsync, rename over the target; commit 0 (after an error):
+ * remove the temporary file. Nothing to do when a is not open. */
+lv_status io_atomic_close(io_atomic *a, int commit);
+/* path <- text + "\n", atomically. */
+lv_status io_atomic_write_text(const char *path, const char *text);
+/* A safetensors file's first bytes: the header length (8 bytes, little-endian)
+ * and the header itself. */
+lv_status io_atomic_st_header(io_atomic *a, const char *hdr, size_t hlen);
 #include <cjson/cJSON.h>
 /* Shortest decimal that reads back as the same float ("1e-05"), as a raw JSON number. */
 cJSON *io_json_float(float v);

@@ -16,15 +16,9 @@
 
 #include "io_impl.h"
 
-typedef struct {
-    FILE *f;
-    const char *path; /* borrowed */
-    char tmp[4200];
-} io_atomic;
-
 /* The temp file is created with open(O_EXCL, 0666) rather than mkstemp, so the
  * final file gets the usual umask permissions. */
-static lv_status atomic_open(io_atomic *a, const char *path)
+lv_status io_atomic_open(io_atomic *a, const char *path)
 {
     lv_status st = LV_OK;
     static unsigned counter;
@@ -47,7 +41,7 @@ done:
     return st;
 }
 
-static lv_status atomic_write(io_atomic *a, const void *p, size_t n)
+lv_status io_atomic_write(io_atomic *a, const void *p, size_t n)
 {
     lv_status st = LV_OK;
     if (n && fwrite(p, 1, n, a->f) != n)
@@ -56,8 +50,9 @@ done:
     return st;
 }
 
-/* Success: flush, fsync, rename over the target. Failure (commit == 0): remove the temp file. */
-static lv_status atomic_close(io_atomic *a, int commit)
+/* Success: flush, fsync, rename over the target (io_commit_file: the directory is
+ * fsync'ed too). Failure (commit == 0): remove the temp file. */
+lv_status io_atomic_close(io_atomic *a, int commit)
 {
     lv_status st = LV_OK;
     if (!a->f) goto done;
@@ -72,10 +67,32 @@ static lv_status atomic_close(io_atomic *a, int commit)
         unlink(a->tmp);
         LV_FAIL(LV_ERR_IO, "%s: write failed: %s", a->path, strerror(errno));
     }
-    if (rename(a->tmp, a->path) != 0) {
-        unlink(a->tmp);
-        LV_FAIL(LV_ERR_IO, "%s: cannot rename %s into place: %s", a->path, a->tmp, strerror(errno));
-    }
+    st = io_commit_file(a->tmp, a->path);
+    if (st != LV_OK) unlink(a->tmp);
+done:
+    return st;
+}
+
+lv_status io_atomic_write_text(const char *path, const char *text)
+{
+    lv_status st = LV_OK;
+    io_atomic a = {0};
+    LV_TRY(io_atomic_open(&a, path));
+    LV_TRY(io_atomic_write(&a, text, strlen(text)));
+    LV_TRY(io_atomic_write(&a, "\n", 1));
+    LV_TRY(io_atomic_close(&a, 1));
+done:
+    if (st != LV_OK) io_atomic_close(&a, 0);
+    return st;
+}
+
+lv_status io_atomic_st_header(io_atomic *a, const char *hdr, size_t hlen)
+{
+    lv_status st = LV_OK;
+    unsigned char len8[8];
+    for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
+    LV_TRY(io_atomic_write(a, len8, 8));
+    LV_TRY(io_atomic_write(a, hdr, hlen));
 done:
     return st;
 }
@@ -110,13 +127,13 @@ static lv_status write_tensor(io_atomic *a, const lv_model *m, const io_tensor_r
     const float *x = io_model_tensor(m, r->kind, r->layer);
     int permute = (r->kind == IO_T_WQ || r->kind == IO_T_WK) && m->cfg.rope != target;
     if (!permute) {
-        LV_TRY(atomic_write(a, x, (size_t)io_tensor_numel(r) * sizeof(float)));
+        LV_TRY(io_atomic_write(a, x, (size_t)io_tensor_numel(r) * sizeof(float)));
         goto done;
     }
     int hd = lv_cfg_head_dim(&m->cfg);
     for (int64_t row = 0; row < r->rows; row++) {
         int64_t src = io_rope_src_row(row, hd, target == LV_ROPE_HALF);
-        LV_TRY(atomic_write(a, x + src * r->cols, (size_t)r->cols * sizeof(float)));
+        LV_TRY(io_atomic_write(a, x + src * r->cols, (size_t)r->cols * sizeof(float)));
     }
 done:
     return st;
@@ -241,15 +258,12 @@ static lv_status write_safetensors(const lv_model *m, const char *path)
     LV_ALLOC(refs, n);
     io_tensor_list(&m->cfg, refs, IO_NAMES_HF);
     LV_TRY(st_header_json(refs, n, &hdr, &hlen, path));
-    unsigned char len8[8];
-    for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
-    LV_TRY(atomic_open(&a, path));
-    LV_TRY(atomic_write(&a, len8, 8));
-    LV_TRY(atomic_write(&a, hdr, hlen));
+    LV_TRY(io_atomic_open(&a, path));
+    LV_TRY(io_atomic_st_header(&a, hdr, hlen));
     for (int i = 0; i < n; i++) LV_TRY(write_tensor(&a, m, &refs[i], LV_ROPE_HALF));
-    LV_TRY(atomic_close(&a, 1));
+    LV_TRY(io_atomic_close(&a, 1));
 done:
-    if (st != LV_OK) atomic_close(&a, 0);
+    if (st != LV_OK) io_atomic_close(&a, 0);
     free(hdr);
     free(refs);
     return st;
@@ -259,7 +273,6 @@ lv_status io_model_write_hf(const lv_model *m, const char *dir)
 {
     lv_status st = LV_OK;
     char *cfg_text = NULL;
-    io_atomic a = {0};
     char path[4096], cfg_path[4096], index_path[4096];
     LV_TRY(check_model(m, "io_model_write_hf", dir));
     if (strlen(dir) > 3000) LV_FAIL(LV_ERR_INVALID_ARG, "%.100s...: path too long", dir);
@@ -274,12 +287,8 @@ lv_status io_model_write_hf(const lv_model *m, const char *dir)
     lv_model_config c = m->cfg;
     c.rope = LV_ROPE_HALF;
     LV_TRY(hf_config_json(&c, &cfg_text, cfg_path));
-    LV_TRY(atomic_open(&a, cfg_path));
-    LV_TRY(atomic_write(&a, cfg_text, strlen(cfg_text)));
-    LV_TRY(atomic_write(&a, "\n", 1));
-    LV_TRY(atomic_close(&a, 1));
+    LV_TRY(io_atomic_write_text(cfg_path, cfg_text));
 done:
-    if (st != LV_OK) atomic_close(&a, 0);
     cJSON_free(cfg_text);
     return st;
 }
@@ -301,7 +310,7 @@ static lv_status write_freq_cis(io_atomic *a, const lv_model_config *c)
                 float ang = (float)t * f;
                 row[i] = part == 0 ? cosf(ang) : sinf(ang);
             }
-            LV_TRY(atomic_write(a, row, (size_t)half * sizeof(float)));
+            LV_TRY(io_atomic_write(a, row, (size_t)half * sizeof(float)));
         }
 done:
     free(row);
@@ -320,8 +329,8 @@ lv_status io_model_write_llama2c(const lv_model *m, const char *path)
     io_tensor_list(c, refs, IO_NAMES_LLAMA2C);
     int32_t h[7] = {c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads,
                     c->tied_cls ? c->vocab_size : -c->vocab_size, c->seq_len};
-    LV_TRY(atomic_open(&a, path));
-    LV_TRY(atomic_write(&a, h, sizeof h));
+    LV_TRY(io_atomic_open(&a, path));
+    LV_TRY(io_atomic_write(&a, h, sizeof h));
     LV_TRY(write_tensor(&a, m, &refs[0], LV_ROPE_INTERLEAVED));
     /* The file stacks each per-layer kind over all layers. */
     for (int k = 1; k <= 9; k++)
@@ -330,9 +339,9 @@ lv_status io_model_write_llama2c(const lv_model *m, const char *path)
     LV_TRY(write_tensor(&a, m, &refs[1 + 9 * c->n_layers], LV_ROPE_INTERLEAVED));
     LV_TRY(write_freq_cis(&a, c));
     if (!c->tied_cls) LV_TRY(write_tensor(&a, m, &refs[2 + 9 * c->n_layers], LV_ROPE_INTERLEAVED));
-    LV_TRY(atomic_close(&a, 1));
+    LV_TRY(io_atomic_close(&a, 1));
 done:
-    if (st != LV_OK) atomic_close(&a, 0);
+    if (st != LV_OK) io_atomic_close(&a, 0);
     free(refs);
     return st;
 }
