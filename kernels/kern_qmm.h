@@ -9,7 +9,8 @@
  * (kern_aq_isa below) that perform the same float operations in the same order: all ISAs
  * give the same bits.
  *
- *  LUT (nbits <= 8, g >= 8, d_out >= 4 * 2^nbits; n < 8, or n <= 16 with AVX-512). Per
+ *  LUT (nbits <= 8, g >= 8, d_out >= 4 * 2^nbits; n < 8, or n <= 16 with AVX-512; with
+ *    AVX2 only for configs other than 2xBg8 / 1xBg8, see kern_aq_algo_auto). Per
  *    input row b, group i and codebook m a lookup table
  *    LUT[b, e, k] = <x[b, i*g : i*g+g], codebooks[m, k]>,  e = i*M + m   (n*n_groups*M*2^nbits floats)
  *    is built once (M*2^nbits*d_in multiply-adds per input row, over k through a transposed
@@ -21,15 +22,19 @@
  *    index of word permutes over the table of one e held in 16 registers (the fp32 entries
  *    split into high and low 16-bit planes, rebuilt exactly), the codes transposed on the
  *    fly once for the whole batch; no gathers.
- *  GATHER (any nbits, small batch; the 1x16 path). One row of W at a time: for one input
- *    row and the configs 1xBg8, 2xBg8, 1xBg4 the codebook vectors are gathered and
- *    multiplied straight into 16 lane sums (nothing stored); otherwise the row is decoded
- *    once into a per-thread buffer (d_in floats) and dotted with every input row, so one
- *    decode serves the batch:
- *    y[b, r] = scales[r] * <x[b], sum_m codebooks[m, codes[r, ., m]]>.
- *    With AVX2 and 1xBg8, B >= 12, n = 1: when every codebook value is exactly an fp16
- *    (AQLM checkpoints store fp16 codebooks), the gathers read an fp16 copy made per call
- *    (half the bytes of random reads; same values, same bits); otherwise the fp32 one.
+ *  GATHER (any nbits, small batch; the 1x16 path, and 2xBg8 / 1xBg8 with AVX2). One row
+ *    of W at a time: for one input row and the configs 1xBg8, 2xBg8, 1xBg4 the codebook
+ *    vectors are gathered and multiplied straight into 16 lane sums (nothing stored);
+ *    otherwise the row is decoded once into a per-thread buffer (d_in floats) and dotted
+ *    with every input row, so one decode serves the batch:
+ *    y[b, r] = scales[r] * <x[b], sum_m codebooks[m, codes[r, ., m]]>,
+ *    both with lane l taking columns j = l mod 16 (the same sums). AVX2, g = 8, M <= 2, any
+ *    n: the lanes in two registers, blocks of 4 rows (n = 1), 2 rows x 2 input rows (n = 2)
+ *    or 1 row x 4 input rows run together, each codebook vector gathered once per block of
+ *    input rows, each x vector once per block of rows. With AVX2 and 1xBg8, B >= 12: when
+ *    every codebook value is exactly an fp16 (AQLM checkpoints store fp16 codebooks), the
+ *    gathers read an fp16 copy made per call (half the bytes of random reads; same values,
+ *    same bits); otherwise the fp32 one.
  *  TILE (batch >= 8 when LUT does not apply, e.g. 1x16 evaluation windows). Tiles of rows
  *    of What (about 4 MiB) are decoded with kern_aq_dequant_ref's arithmetic and multiplied
  *    by one cblas_sgemm each: the matrix is decoded once per call, the FLOPs run at sgemm
@@ -41,7 +46,7 @@
  * of OpenMP threads nor on the ISA. TILE's products are OpenBLAS's sgemm, whose bits can
  * change with OPENBLAS_NUM_THREADS (as kern_matmul_ref's do). LUT and GATHER round
  * differently from kern_aq_gemm_ref: a few ulps of sum_j |x_j * What_rj| per output (the
- * tests bound it by 1e-5 times that sum; measured <= 3.2e-7). No reduced-precision tables.
+ * tests bound it by 1e-5 times that sum; measured <= 3.5e-7). No reduced-precision tables.
  *
  * Codes must be < 2^nbits (the caller's invariant, as for kern_aq_dequant_ref; not
  * checked per element). L's arrays are borrowed for the duration of a call.
@@ -66,10 +71,12 @@ typedef enum {
 /* "auto", "lut", "gather", "tile". */
 const char *kern_aq_algo_name(kern_aq_algo a);
 
-/* What KERN_AQ_AUTO runs for this layer and batch (with the ISA of kern_aq_isa_get()):
- * LUT when nbits <= 8, g >= 8 and d_out >= 4 * 2^nbits (each table entry is read a few
- * times and saves g multiply-adds) and n < 8, or n <= 16 with AVX-512; else TILE for
- * n >= 8; else GATHER. */
+/* What KERN_AQ_AUTO runs for this layer and batch (with the ISA of kern_aq_isa_get());
+ * a function of the shape and the ISA only, never of timings. In order:
+ *  1. AVX-512, LUT applicable (nbits <= 8, g >= 8, d_out >= 4 * 2^nbits), n <= 16: LUT;
+ *  2. AVX2 (no AVX-512), g = 8, M <= 2: GATHER for n < 8, and for n = 8 when nbits <= 8;
+ *  3. n >= 8: TILE;
+ *  4. LUT applicable: LUT; else GATHER. (docs/kernels-qmm.md: the measurements.) */
 kern_aq_algo kern_aq_algo_auto(const lv_aq_layer *L, int64_t n);
 
 /* Instruction sets of the LUT and GATHER hot loops. PORTABLE: plain C (the build's
@@ -101,8 +108,10 @@ kern_aq_isa kern_aq_isa_get(void);
  *   LUT:    M*g*2^nbits (transposed codebooks) + n*n_groups*M*2^nbits (tables),
  *           e.g. 1 MiB per input row for 2x8g8 at d_in 4096; with AVX-512 as much again
  *           (the 16-bit planes) + per thread 2*n*256 floats and 64*256 u16;
- *   GATHER: none for n = 1 with 1xBg8, 2xBg8, 1xBg4 (but 2^nbits * 4 floats, the fp16
- *           codebook copy, for 1xBg8, B >= 12 with AVX2: 1 MiB for 1x16g8); else
+ *   GATHER: none for n = 1 with 1xBg8, 2xBg8, 1xBg4, nor with AVX2 for 1xBg8, 2xBg8 at
+ *           any n (but 2^nbits * 4 floats, the fp16 codebook copy, for 1xBg8, B >= 12
+ *           with AVX2: 1 MiB for 1x16g8; with AVX2, codebooks of up to 64 Ki floats not
+ *           on a 32-byte boundary are copied to an aligned one: 16 KiB for 2x8g8); else
  *           omp_get_max_threads() * d_in (one decoded row per thread);
  *   TILE:   rows_per_tile * d_in, about 4 MiB (at least 64 rows). */
 typedef struct kern_aq_ws kern_aq_ws;

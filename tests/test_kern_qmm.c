@@ -16,8 +16,10 @@
  * ISAs (test_isa_paths): LUT and GATHER with the portable loops are held to TOL_QMM_REL
  * against the reference, and the AVX2 and AVX-512 twins (where the CPU has them) must give
  * the portable bits, for every config, batches 1..8, shapes cut against the 256-row tiles,
- * the 32-row registers and the 32/64-element transposes, and fp16-exact 1x16g8 / 1x12g8
- * codebooks (GATHER's fp16 copy) with and without one inexact value. No reduced-precision
+ * the 32-row registers and the 32/64-element transposes, GATHER's 4-row / 4-input-row
+ * blocks (odd row counts, batches 5-7), fp16-exact 1x16g8 / 1x12g8 codebooks (GATHER's
+ * fp16 copy, batches 1-8) with and without one inexact value, and codebooks on and off a
+ * 32-byte boundary. No reduced-precision
  * path: the tolerance is the fp32 one, TOL_QMM_REL = 1e-5. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -188,8 +190,10 @@ static void test_ws_reuse(void **state)
 /* fp16: 0 as made; 1 every codebook value rounded to fp16 (the fp16 codebook copy of
  * GATHER for 1xBg8, B >= 12); 2 the same but for the last value (not an fp16: the fp32
  * codebook is used). */
+/* cb_off: the codebooks moved to cb_off floats past a 64-byte boundary (GATHER's AVX2 path
+ * copies misaligned small codebooks to an aligned buffer first). */
 static void isa_case(int64_t d_out, int64_t d_in, int M, int nbits, int g, int64_t n,
-                     uint64_t seed, int fp16)
+                     uint64_t seed, int fp16, int cb_off)
 {
     lv_rng r;
     lv_rng_seed(&r, seed);
@@ -198,6 +202,13 @@ static void isa_case(int64_t d_out, int64_t d_in, int M, int nbits, int g, int64
     const int64_t n_cb = (int64_t)M * ((int64_t)1 << nbits) * g;
     for (int64_t t = 0; fp16 && t < n_cb; t++) L.codebooks[t] = lv_round_f16(L.codebooks[t]);
     if (fp16 == 2) L.codebooks[n_cb - 1] = 0.1f; /* not an fp16 */
+    float *own_cb = L.codebooks, *moved = NULL;
+    if (cb_off >= 0) {
+        moved = aligned_alloc(64, (sizeof(float) * (size_t)(n_cb + 16) + 63) & ~(size_t)63);
+        assert_non_null(moved);
+        memcpy(moved + cb_off, own_cb, sizeof(float) * (size_t)n_cb);
+        L.codebooks = moved + cb_off;
+    }
     const int64_t ny = n * d_out;
     float *x = malloc(sizeof(float) * (size_t)(n * d_in));
     float *w = malloc(sizeof(float) * (size_t)(d_out * d_in));
@@ -242,6 +253,8 @@ static void isa_case(int64_t d_out, int64_t d_in, int M, int nbits, int g, int64
     }
     assert_int_equal(kern_aq_isa_set(KERN_AQ_ISA_AUTO), LV_OK);
     free(refd), free(got), free(base), free(ref), free(w), free(x);
+    L.codebooks = own_cb;
+    free(moved);
     lv_aq_layer_free(&L);
 }
 
@@ -252,18 +265,29 @@ static void test_isa_paths(void **state)
     /* 300 rows: one full 256-row tile and a cut one, 32-row blocks and a tail of 12;
      * d_in 1100 with g 8: 138 groups (a cut one), 276 elements for M = 2: four 64-element
      * superchunks and a tail of 20; 40x9: fewer elements than one 32-wide chunk. */
-    const int64_t shapes[][2] = {{300, 1100}, {40, 9}, {33, 520}};
+    /* 37x1100: odd rows against GATHER's blocks (4 rows for n = 1, 2 for n = 2, 64-row
+     * OpenMP blocks) and input-row blocks of 4 with 1-3 left (n = 5..7) */
+    const int64_t shapes[][2] = {{300, 1100}, {40, 9}, {33, 520}, {37, 1100}};
     for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++)
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
             for (int64_t n = 1; n <= 8; n += (s == 0 ? 3 : 1))
                 isa_case(shapes[s][0], shapes[s][1], cfg[c][0], cfg[c][1], cfg[c][2], n,
-                         1100 + 100 * c + 10 * s + (uint64_t)n, 0);
-    /* GATHER's fp16 codebook copy (1xBg8, B >= 12, n = 1), and its fallback */
+                         1100 + 100 * c + 10 * s + (uint64_t)n, 0, -1);
+    /* GATHER's fp16 codebook copy (1xBg8, B >= 12, any batch), and its fallback */
     const int64_t fshapes[][2] = {{70, 1100}, {40, 9}, {33, 520}, {5, 3}};
+    const int64_t fbatch[] = {1, 2, 5, 8};
     for (size_t s = 0; s < sizeof fshapes / sizeof fshapes[0]; s++)
         for (int f = 1; f <= 2; f++) {
-            isa_case(fshapes[s][0], fshapes[s][1], 1, 16, 8, 1, 2000 + 10 * s + (uint64_t)f, f);
-            isa_case(fshapes[s][0], fshapes[s][1], 1, 12, 8, 1, 2100 + 10 * s + (uint64_t)f, f);
+            const int64_t n = fbatch[s];
+            isa_case(fshapes[s][0], fshapes[s][1], 1, 16, 8, n, 2000 + 10 * s + (uint64_t)f, f, -1);
+            isa_case(fshapes[s][0], fshapes[s][1], 1, 12, 8, n, 2100 + 10 * s + (uint64_t)f, f, -1);
+        }
+    /* codebooks aligned and off a 32-byte boundary (GATHER's aligned copy) */
+    const int offs[] = {0, 1, 4};
+    for (size_t o = 0; o < sizeof offs / sizeof offs[0]; o++)
+        for (int64_t n = 1; n <= 3; n++) {
+            isa_case(37, 1100, 2, 8, 8, n, 2200 + 10 * o + (uint64_t)n, 0, offs[o]);
+            isa_case(37, 1100, 1, 8, 8, n, 2300 + 10 * o + (uint64_t)n, 0, offs[o]);
         }
     assert_int_equal(kern_aq_isa_set((kern_aq_isa)42), LV_ERR_INVALID_ARG);
     assert_string_equal(kern_aq_isa_name(KERN_AQ_ISA_AVX512), "avx512");

@@ -24,6 +24,7 @@
 #define QMM_TILE_MIN_ROWS 64
 #define QMM_AUTO_TILE_BATCH 8     /* kern_aq_algo_auto: TILE from this batch on (docs/kernels-qmm.md) */
 #define QMM_AUTO_LUT_BATCH_AVX512 16 /* ... but LUT up to this batch with the AVX-512 permutes */
+#define QMM_AUTO_GATHER_BATCH_AVX2 8 /* ... and GATHER up to this batch with AVX2 (2xBg8, 1xBg8) */
 
 struct kern_aq_ws {
     float *buf; /* 64-byte aligned */
@@ -50,8 +51,14 @@ kern_aq_algo kern_aq_algo_auto(const lv_aq_layer *L, int64_t n)
     const int lut_ok = L && L->nbits <= 8 && L->g >= 8 && L->d_out >= ((int64_t)4 << L->nbits);
     /* The AVX-512 LUT transposes the codes once for the whole batch and beats TILE up to
      * n = 16 (docs/kernels-qmm.md); the others from QMM_AUTO_TILE_BATCH on. */
-    if (lut_ok && n <= QMM_AUTO_LUT_BATCH_AVX512 && qmm_isa_level(kern_aq_isa_get()) >= 2)
-        return KERN_AQ_LUT;
+    const int isa = qmm_isa_level(kern_aq_isa_get());
+    if (lut_ok && n <= QMM_AUTO_LUT_BATCH_AVX512 && isa >= 2) return KERN_AQ_LUT;
+    /* AVX2 without AVX-512: GATHER's row-blocked loop (g = 8, M <= 2) beats LUT (scalar
+     * lookups) at every batch up to 8 and TILE below 8; at 8 only while the codebooks are
+     * L1-sized (nbits <= 8: the second block of 4 input rows re-reads them from L1). */
+    if (isa == 1 && L && L->g == 8 && L->M <= 2 &&
+        (n < QMM_AUTO_TILE_BATCH || (n <= QMM_AUTO_GATHER_BATCH_AVX2 && L->nbits <= 8)))
+        return KERN_AQ_GATHER;
     if (n >= QMM_AUTO_TILE_BATCH) return KERN_AQ_TILE;
     return lut_ok ? KERN_AQ_LUT : KERN_AQ_GATHER;
 }
@@ -653,46 +660,125 @@ static void prefetch_codebooks(const lv_aq_layer *L)
 }
 
 #if QMM_HAVE_AVX2
-/* dot_row_gather for g = 8, M = 1 or 2: lane block q (of two) is one register, four
- * groups a step; the same adds in the same order per lane as the portable loop. */
-QMM_INLINE QMM_AVX2 float dot_row_gather_avx2(const float *x, const uint16_t *c,
-                                               const lv_aq_layer *L, const int M)
+/* AVX2 GATHER for g = 8, M = 1 or 2, any batch n: the lanes of dot_row_gather (and of
+ * decode_row + dot_lanes, which sum the same products in the same order) with lane block q
+ * (of two) in one register: group i goes to register i % 2 of its (row, input row) pair.
+ * Blocks of R output rows x NB input rows run together (R x NB = 4 x 1 for n = 1, 2 x 2
+ * for n = 2, else 1 x 4 and a rest; 2 * R * NB <= 8 sums in registers): each codebook
+ * vector is read once for the NB input rows, each x vector once for the R rows, and up to
+ * 8 independent add chains hide the FP-add latency. Per output, the same adds in the same
+ * order as the portable loops: the same bits. cbh: fp16 copy of the codebook (M = 1; its
+ * values are the fp32 ones) or NULL.
+ * Tried and dropped (no faster here, docs/kernels-qmm.md): one 32- or 64-bit load for the
+ * codes of one or two groups (shifted to byte offsets at once, BEXTR), prefetching the
+ * codes of the rows in flight, loading the
+ * next step's codes one step ahead (slower), and (1x16g8) prefetching the codebook vectors
+ * of the codes 16 or 64 groups ahead (slower). */
+#define QMM_F16C __attribute__((target("avx2,f16c")))
+#define QMM_F16_MIN_NBITS 12 /* smaller codebooks (<= 128 KiB) stay in L2 as they are */
+#define QMM_GB_CB_COPY (64u << 10) /* floats: GATHER aligns codebooks up to this size */
+
+/* The codebook vector of codes cq (M of them) for group-sum w: cb (M, K, 8) fp32 (cb1: its
+ * second codebook), or cbh (K, 8) fp16 (M = 1 only). */
+QMM_INLINE QMM_F16C __m256 gather_w(const uint16_t *cq, const float *cb, const float *cb1,
+                                     const uint16_t *cbh, const int M)
+{
+    if (M == 1 && cbh)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cbh + (int64_t)cq[0] * 8)));
+    if (M == 1) return _mm256_loadu_ps(cb + (int64_t)cq[0] * 8);
+    return _mm256_add_ps(_mm256_loadu_ps(cb + (int64_t)cq[0] * 8),
+                         _mm256_loadu_ps(cb1 + (int64_t)cq[1] * 8));
+}
+
+/* y[b, r..r+R) for b in [b0, b0+NB): rows r.. of the layer, input rows b0.. */
+QMM_INLINE QMM_F16C void gather_block_avx2(float *y, const float *x, const lv_aq_layer *L,
+                                           const uint16_t *cbh, int64_t r, int64_t b0,
+                                           const int M, const int R, const int NB)
 {
     const int64_t K = (int64_t)1 << L->nbits, full = L->d_in / QMM_GLANES * 2;
-    const float *cb = L->codebooks; // (M, K, 8)
-    /* four named sums: an array of them is kept in memory by GCC at -O2 (a store-forward
-     * chain per group, 1.7x slower) */
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-#define QMM_GATHER_W(q)                                                                   \
-    (M == 2 ? _mm256_add_ps(_mm256_loadu_ps(cb + (int64_t)c[(i + q) * M] * 8),              \
-                            _mm256_loadu_ps(cb + (K + c[(i + q) * M + 1]) * 8))              \
-            : _mm256_loadu_ps(cb + (int64_t)c[i + q] * 8))
-    int64_t i = 0;
-    for (; i + 4 <= full; i += 4) {
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8), QMM_GATHER_W(0)));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 8), QMM_GATHER_W(1)));
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 16), QMM_GATHER_W(2)));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 24), QMM_GATHER_W(3)));
+    const int64_t cs = L->n_groups * M, d_in = L->d_in, d_out = L->d_out;
+    const float *cb = L->codebooks, *cb1 = cb + K * 8; // (M, K, 8)
+    const uint16_t *c = L->codes + r * cs;
+    const float *xb = x + b0 * d_in;
+    /* fixed sizes (R * NB <= 4): arrays sized by the const parameters would be VLAs,
+     * kept in memory; these are scalarized into registers once the loops unroll */
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < 2 * R * NB; k++) acc[k] = _mm256_setzero_ps();
+    /* The next block's codes (R * cs u16 after this block's) are prefetched evenly over
+     * this block's steps: the hardware prefetchers alone keep R streams too short ahead. */
+    const char *pf = (const char *)(c + R * cs);
+    const int64_t steps = full / 2 > 0 ? full / 2 : 1;
+    const int64_t pf_step = (R * cs * 2 + steps - 1) / steps; /* bytes */
+    for (int64_t i = 0; i < full; i += 2, pf += pf_step) {
+        if (r + 2 * R <= d_out) _mm_prefetch(pf, _MM_HINT_T0);
+        __m256 xv[8];
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; b++) {
+            xv[2 * b] = _mm256_loadu_ps(xb + b * d_in + i * 8);
+            xv[2 * b + 1] = _mm256_loadu_ps(xb + b * d_in + i * 8 + 8);
+        }
+#pragma GCC unroll 4
+        for (int k = 0; k < R; k++) {
+            const __m256 w0 = gather_w(c + k * cs + i * M, cb, cb1, cbh, M);
+            const __m256 w1 = gather_w(c + k * cs + (i + 1) * M, cb, cb1, cbh, M);
+#pragma GCC unroll 4
+            for (int b = 0; b < NB; b++) {
+                __m256 *ak = acc + 2 * (k * NB + b);
+                ak[0] = _mm256_add_ps(ak[0], _mm256_mul_ps(xv[2 * b], w0));
+                ak[1] = _mm256_add_ps(ak[1], _mm256_mul_ps(xv[2 * b + 1], w1));
+            }
+        }
     }
-    if (i < full) { /* one more block of two groups */
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8), QMM_GATHER_W(0)));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 8), QMM_GATHER_W(1)));
-        i += 2;
-    }
-#undef QMM_GATHER_W
-    float a[QMM_GLANES];
-    _mm256_storeu_ps(a, a0), _mm256_storeu_ps(a + 8, a1);
-    return gather_tail(a, x, c, L, i);
+#pragma GCC unroll 4
+    for (int k = 0; k < R; k++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; b++) {
+            float a[QMM_GLANES];
+            _mm256_storeu_ps(a, acc[2 * (k * NB + b)]);
+            _mm256_storeu_ps(a + 8, acc[2 * (k * NB + b) + 1]);
+            const float dot = gather_tail(a, xb + b * d_in, c + k * cs, L, full);
+            y[(b0 + b) * d_out + r + k] = (L->scales ? L->scales[r + k] : 1.0f) * dot;
+        }
 }
 
-QMM_AVX2 static float dot_row_gather_avx2_m1(const float *x, const uint16_t *c, const lv_aq_layer *L)
+/* Rows [r0, r1) of y (n, d_out), all input rows: R = 4 rows of one input row, or one row
+ * of up to 4 input rows at a time (then the row's codebook vectors, fetched by the first
+ * block of input rows, come from L1 for the next). */
+QMM_INLINE QMM_F16C void gather_rows_k(float *y, const float *x, const lv_aq_layer *L,
+                                       const uint16_t *cbh, int64_t n, int64_t r0, int64_t r1,
+                                       const int M)
 {
-    return dot_row_gather_avx2(x, c, L, 1);
+    int64_t r = r0;
+    if (n == 1) {
+        for (; r + 4 <= r1; r += 4) gather_block_avx2(y, x, L, cbh, r, 0, M, 4, 1);
+        for (; r < r1; r++) gather_block_avx2(y, x, L, cbh, r, 0, M, 1, 1);
+        return;
+    }
+    if (n == 2) {
+        for (; r + 2 <= r1; r += 2) gather_block_avx2(y, x, L, cbh, r, 0, M, 2, 2);
+        for (; r < r1; r++) gather_block_avx2(y, x, L, cbh, r, 0, M, 1, 2);
+        return;
+    }
+    for (; r < r1; r++) {
+        int64_t b = 0;
+        for (; b + 4 <= n; b += 4) gather_block_avx2(y, x, L, cbh, r, b, M, 1, 4);
+        if (n - b == 3) gather_block_avx2(y, x, L, cbh, r, b, M, 1, 3);
+        else if (n - b == 2) gather_block_avx2(y, x, L, cbh, r, b, M, 1, 2);
+        else if (n - b == 1) gather_block_avx2(y, x, L, cbh, r, b, M, 1, 1);
+    }
 }
 
-QMM_AVX2 static float dot_row_gather_avx2_m2(const float *x, const uint16_t *c, const lv_aq_layer *L)
+QMM_F16C static void gather_rows_avx2_m1(float *y, const float *x, const lv_aq_layer *L,
+                                         const uint16_t *cbh, int64_t n, int64_t r0, int64_t r1)
 {
-    return dot_row_gather_avx2(x, c, L, 2);
+    gather_rows_k(y, x, L, cbh, n, r0, r1, 1);
+}
+
+QMM_F16C static void gather_rows_avx2_m2(float *y, const float *x, const lv_aq_layer *L,
+                                         int64_t n, int64_t r0, int64_t r1)
+{
+    gather_rows_k(y, x, L, NULL, n, r0, r1, 2);
 }
 
 /* fp16 copy of 1xBg8 codebooks for GATHER: half the bytes of the random codebook reads
@@ -700,8 +786,6 @@ QMM_AVX2 static float dot_row_gather_avx2_m2(const float *x, const uint16_t *c, 
  * an fp16 (as in AQLM checkpoints, which store fp16 codebooks): the products are then those
  * of the fp32 codebooks, bit for bit. Made per call (a read of the codebooks; the check
  * stops at the first value that is not an fp16). */
-#define QMM_F16C __attribute__((target("avx2,f16c")))
-#define QMM_F16_MIN_NBITS 12 /* smaller codebooks (<= 128 KiB) stay in L2 as they are */
 
 /* h (count) = cb in fp16 and 1 when every value is exact; else 0 (h partly written).
  * count a multiple of 8. */
@@ -718,45 +802,23 @@ QMM_F16C static int codebooks_to_fp16(uint16_t *h, const float *cb, int64_t coun
     return 1;
 }
 
-/* dot_row_gather_avx2 for M = 1 from the fp16 codebook cbh (K, 8): the same values. */
-QMM_F16C static float dot_row_gather_f16(const float *x, const uint16_t *c, const uint16_t *cbh,
-                                         const lv_aq_layer *L)
+/* y (n, d_out) for g = 8, M <= 2; cbh: the fp16 codebook (M = 1) or NULL. OpenMP over
+ * blocks of QMM_GB_ROWS rows (a multiple of 4: the row blocks, and so the bits, do not
+ * depend on the thread count either way). */
+#define QMM_GB_ROWS 64
+static void gather_avx2(float *y, const float *x, const lv_aq_layer *L, const uint16_t *cbh,
+                        int64_t n)
 {
-    const int64_t full = L->d_in / QMM_GLANES * 2;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-#define QMM_GATHER_H(q) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cbh + (int64_t)c[i + q] * 8)))
-    int64_t i = 0;
-    for (; i + 4 <= full; i += 4) {
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8), QMM_GATHER_H(0)));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 8), QMM_GATHER_H(1)));
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 16), QMM_GATHER_H(2)));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 24), QMM_GATHER_H(3)));
-    }
-    if (i < full) {
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8), QMM_GATHER_H(0)));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(x + i * 8 + 8), QMM_GATHER_H(1)));
-        i += 2;
-    }
-#undef QMM_GATHER_H
-    float a[QMM_GLANES];
-    _mm256_storeu_ps(a, a0), _mm256_storeu_ps(a + 8, a1);
-    return gather_tail(a, x, c, L, i); /* the tail from the fp32 codebook: same values */
-}
-
-/* y (d_out) for n = 1, g = 8, M <= 2; cbh: the fp16 codebook (M = 1) or NULL. */
-static void gather_rows_avx2(float *y, const float *x, const lv_aq_layer *L, const uint16_t *cbh)
-{
-    const int64_t cs = L->n_groups * L->M;
+    const int64_t nblk = (L->d_out + QMM_GB_ROWS - 1) / QMM_GB_ROWS;
 #pragma omp parallel
     {
         if (!cbh) prefetch_codebooks(L);
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < L->d_out; r++) {
-            const uint16_t *c = L->codes + r * cs;
-            const float dot = cbh          ? dot_row_gather_f16(x, c, cbh, L)
-                              : L->M == 1 ? dot_row_gather_avx2_m1(x, c, L)
-                                          : dot_row_gather_avx2_m2(x, c, L);
-            y[r] = (L->scales ? L->scales[r] : 1.0f) * dot;
+        for (int64_t t = 0; t < nblk; t++) {
+            const int64_t r0 = t * QMM_GB_ROWS;
+            const int64_t r1 = r0 + QMM_GB_ROWS < L->d_out ? r0 + QMM_GB_ROWS : L->d_out;
+            if (L->M == 1) gather_rows_avx2_m1(y, x, L, cbh, n, r0, r1);
+            else gather_rows_avx2_m2(y, x, L, n, r0, r1);
         }
     }
 }
@@ -772,7 +834,7 @@ static lv_status gemm_gather(float *y, const float *x, const lv_aq_layer *L, int
     const int fused = n == 1 && ((g == 8 && M <= 2) || (g == 4 && M == 1));
     (void)avx2;
 #if QMM_HAVE_AVX2
-    if (fused && avx2 && g == 8) {
+    if (avx2 && g == 8 && M <= 2) { /* any batch: the same sums as both portable loops */
         const uint16_t *cbh = NULL;
         if (M == 1 && L->nbits >= QMM_F16_MIN_NBITS) {
             const int64_t count = ((int64_t)8 << L->nbits);
@@ -780,7 +842,18 @@ static lv_status gemm_gather(float *y, const float *x, const lv_aq_layer *L, int
             LV_TRY(ws_reserve(ws, (size_t)count / 2, &h));
             if (codebooks_to_fp16((uint16_t *)h, L->codebooks, count)) cbh = (const uint16_t *)h;
         }
-        gather_rows_avx2(y, x, L, cbh);
+        /* A 32-byte codebook vector off a 32-byte boundary straddles two cache lines every
+         * other read (calloc aligns to 16): codebooks up to QMM_GB_CB_COPY floats (2x8g8:
+         * 16 KiB) are then copied to an aligned buffer (same values: same bits). */
+        lv_aq_layer La = *L;
+        const size_t n_cb = (size_t)M << (L->nbits + 3);
+        if (!cbh && ((uintptr_t)L->codebooks & 31) && n_cb <= QMM_GB_CB_COPY) {
+            float *cb = NULL;
+            LV_TRY(ws_reserve(ws, n_cb, &cb));
+            memcpy(cb, L->codebooks, sizeof(float) * n_cb);
+            La.codebooks = cb;
+        }
+        gather_avx2(y, x, &La, cbh, n);
         goto done;
     }
 #endif
