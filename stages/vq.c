@@ -93,6 +93,52 @@ static double rng_unit_double(lv_rng *rng)
     return (double)(lv_rng_u64(rng) >> 11) / 9007199254740992.0; /* [0, 1), 53 bits */
 }
 
+/* mind[i] = min(mind[i], wdist(point i, c)) for every point, wdist's
+ * arithmetic per point (vectorised across points: the same operations per
+ * point in the same order, hence the same bits). */
+static inline __attribute__((always_inline)) void km_min_body(const float *x, const float *w,
+                                                             int64_t i0, int64_t i1, int g,
+                                                             const float *c, double *mind)
+{
+#pragma omp simd
+    for (int64_t i = i0; i < i1; i++) {
+        double d = 0.0;
+        for (int a = 0; a < g; a++) {
+            const double diff = (double)x[i * g + a] - (double)c[a];
+            d += (w ? (double)w[i * g + a] : 1.0) * diff * diff;
+        }
+        if (d < mind[i]) mind[i] = d;
+    }
+}
+
+static void km_min_range(const float *x, const float *w, int64_t i0, int64_t i1, int g,
+                         const float *c, double *mind)
+{
+    km_min_body(x, w, i0, i1, g, c, mind);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) static void km_min_range_avx2(const float *x, const float *w,
+                                                              int64_t i0, int64_t i1, int g,
+                                                              const float *c, double *mind)
+{
+    km_min_body(x, w, i0, i1, g, c, mind);
+}
+#endif
+
+static void km_min_update(const float *x, const float *w, int64_t n, int g, const float *c,
+                          double *mind)
+{
+    void (*fn)(const float *, const float *, int64_t, int64_t, int, const float *, double *) =
+        km_min_range;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2")) fn = km_min_range_avx2;
+#endif
+    const int64_t chunk = 4096;
+#pragma omp parallel for schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += chunk) fn(x, w, i0, i0 + chunk < n ? i0 + chunk : n, g, c, mind);
+}
+
 /* k-means++: first centroid uniform, then D^2 sampling under the weighted
  * distance. mind (n) is scratch. When n <= k every point becomes a centroid
  * (the rest repeat points cyclically), which is already optimal. */
@@ -127,11 +173,7 @@ static void kmeanspp_seed(const float *x, const float *w, int64_t n, int g, int 
         }
         float *cj = c + (int64_t)j * g;
         memcpy(cj, x + pick * g, (size_t)g * sizeof(float));
-#pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < n; i++) {
-            double d = wdist(x + i * g, w ? w + i * g : NULL, cj, g);
-            if (d < mind[i]) mind[i] = d;
-        }
+        km_min_update(x, w, n, g, cj, mind);
     }
 }
 
@@ -162,31 +204,183 @@ static double sum_serial(const double *v, int64_t n)
     return s;
 }
 
+/* Relative safety margin of the bound test below: far above the rounding of
+ * the double distances (~g * 2^-53) and of the square roots. */
+#define KM_MARGIN 1e-9
+
+/* Distances from one point to every centroid, d[j] for j < k, with
+ * kern_kmeans_assign_ref's arithmetic per (point, centroid): the terms
+ * (w_a * diff) * diff added in order of the coordinate a, starting from 0.0.
+ * The loop runs over j for each a (centroids transposed: ct (g, k) double),
+ * so it vectorises across centroids with the same operations per centroid,
+ * hence the same bits; no FMA (the build's C11 mode contracts nothing). */
+static inline __attribute__((always_inline)) void km_dists_body(const float *xi, const float *wi,
+                                                               int g, const double *ct, int k,
+                                                               double *d)
+{
+    for (int j = 0; j < k; j++) d[j] = 0.0;
+    for (int a = 0; a < g; a++) {
+        const double xa = (double)xi[a], wa = wi ? (double)wi[a] : 1.0;
+        const double *ca = ct + (int64_t)a * k;
+#pragma omp simd
+        for (int j = 0; j < k; j++) {
+            const double diff = xa - ca[j];
+            d[j] += wa * diff * diff;
+        }
+    }
+}
+
+static void km_dists(const float *xi, const float *wi, int g, const double *ct, int k, double *d)
+{
+    km_dists_body(xi, wi, g, ct, k, d);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) static void km_dists_avx2(const float *xi, const float *wi, int g,
+                                                          const double *ct, int k, double *d)
+{
+    km_dists_body(xi, wi, g, ct, k, d);
+}
+#endif
+
+typedef void (*km_dists_fn)(const float *, const float *, int, const double *, int, double *);
+
+static km_dists_fn km_dists_pick(void)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2")) return km_dists_avx2;
+#endif
+    return km_dists;
+}
+
+/* One point against every centroid: nearest index (ties to the lowest), its
+ * distance, and the second smallest distance over the other indices (== best
+ * on a tie). d (k) is scratch. */
+static void km_scan(km_dists_fn fn, const float *xi, const float *wi, int g, const double *ct,
+                    int k, double *d, int32_t *arg, double *best, double *second)
+{
+    fn(xi, wi, g, ct, k, d);
+    double b = DBL_MAX, s2 = DBL_MAX;
+    int32_t a = 0;
+    for (int j = 0; j < k; j++) {
+        const double dj = d[j];
+        if (dj < b) {
+            s2 = b;
+            b = dj;
+            a = j;
+        } else if (dj < s2) {
+            s2 = dj;
+        }
+    }
+    *arg = a;
+    *best = b;
+    *second = s2;
+}
+
+/* The exact Lloyd assignment (kern_kmeans_assign_ref's idx and dist, bit for
+ * bit) with Hamerly's bound: lb[i] is a lower bound on the weighted distance
+ * (square-root domain) from point i to every centroid but idx[i]. A centroid
+ * that moved by shift[j] (L2) moves by at most sw[i] * shift[j] in point i's
+ * metric (sw[i] = sqrt(max_a w[i,a])), so lb[i] drops by that much for the
+ * largest move among the other centroids. When the distance to the old
+ * centroid (recomputed exactly) is below the bound, with a relative margin
+ * KM_MARGIN on both sides, that centroid is still the strict nearest one in
+ * exact arithmetic and in the reference's rounded distances alike, and the
+ * scan over all k centroids is skipped; otherwise the point is scanned in
+ * full. full = 1: scan every point (the first assignment). Returns the number
+ * of points scanned in full. */
+static int64_t km_assign(const float *x, const float *w, int64_t n, int g, const float *c, int k,
+                         const double *shift, const double *sw, int full, int32_t *idx,
+                         double *dist, double *lb, double *ct, double *scratch)
+{
+    const km_dists_fn fn = km_dists_pick();
+    for (int j = 0; j < k; j++)
+        for (int a = 0; a < g; a++) ct[(int64_t)a * k + j] = (double)c[(int64_t)j * g + a];
+    double m1 = 0.0, m2 = 0.0;
+    int j1 = -1;
+    for (int j = 0; !full && j < k; j++) {
+        if (shift[j] > m1) {
+            m2 = m1;
+            m1 = shift[j];
+            j1 = j;
+        } else if (shift[j] > m2) {
+            m2 = shift[j];
+        }
+    }
+    int64_t scanned = 0;
+#pragma omp parallel for schedule(static) reduction(+ : scanned)
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * g, *wi = w ? w + i * g : NULL;
+        double *dk = scratch + (int64_t)omp_get_thread_num() * k;
+        if (!full) {
+            const double other = idx[i] == j1 ? m2 : m1;
+            const double l = lb[i] - sw[i] * other * (1.0 + KM_MARGIN);
+            const double di = wdist(xi, wi, c + (int64_t)idx[i] * g, g);
+            if (sqrt(di) * (1.0 + KM_MARGIN) < l * (1.0 - KM_MARGIN)) {
+                dist[i] = di;
+                lb[i] = l;
+                continue;
+            }
+        }
+        double second = 0.0;
+        km_scan(fn, xi, wi, g, ct, k, dk, &idx[i], &dist[i], &second);
+        lb[i] = sqrt(second);
+        scanned++;
+    }
+    return scanned;
+}
+
 lv_status stage_vq_kmeans(const float *x, const float *w, int64_t n, int g,
                           const stage_vq_kmeans_config *cfg, float *centroids, int32_t *idx,
                           double *hist, int *n_hist)
 {
     lv_status st = LV_OK;
-    double *dist = NULL, *num = NULL, *den = NULL;
+    double *dist = NULL, *num = NULL, *den = NULL, *lb = NULL, *sw = NULL, *shift = NULL;
+    double *ct = NULL, *scratch = NULL;
+    float *cold = NULL;
     if (!x || !cfg || !centroids || !idx || n <= 0 || g <= 0)
         LV_FAIL(LV_ERR_INVALID_ARG, "kmeans: bad arguments (n=%lld g=%d)", (long long)n, g);
     if (cfg->k <= 0 || cfg->max_iters < 0)
         LV_FAIL(LV_ERR_INVALID_ARG, "kmeans: k=%d max_iters=%d", cfg->k, cfg->max_iters);
     const int k = cfg->k;
     LV_ALLOC(dist, n);
+    LV_ALLOC(lb, n);
+    LV_ALLOC(sw, n);
     LV_ALLOC(num, (int64_t)k * g);
     LV_ALLOC(den, (int64_t)k * g);
+    LV_ALLOC(shift, k);
+    LV_ALLOC(cold, (int64_t)k * g);
+    LV_ALLOC(ct, (int64_t)k * g);
+    LV_ALLOC(scratch, (int64_t)k * omp_get_max_threads());
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        double m = 0.0;
+        for (int a = 0; a < g; a++) {
+            double wa = w ? (double)w[i * g + a] : 1.0;
+            if (wa > m) m = wa;
+        }
+        sw[i] = sqrt(m);
+    }
     lv_rng rng;
     lv_rng_seed(&rng, cfg->seed);
     kmeanspp_seed(x, w, n, g, k, centroids, dist, &rng);
-    kern_kmeans_assign_ref(idx, dist, x, w, n, g, centroids, k);
+    km_assign(x, w, n, g, centroids, k, NULL, sw, 1, idx, dist, lb, ct, scratch);
     double obj = sum_serial(dist, n);
     int nh = 0;
     if (hist) hist[nh] = obj;
     nh++;
     for (int it = 0; it < cfg->max_iters; it++) {
+        memcpy(cold, centroids, sizeof(float) * (size_t)k * (size_t)g);
         kmeans_update(x, w, n, g, k, idx, centroids, num, den);
-        kern_kmeans_assign_ref(idx, dist, x, w, n, g, centroids, k);
+        for (int j = 0; j < k; j++) {
+            double ss = 0.0;
+            for (int a = 0; a < g; a++) {
+                double dd = (double)centroids[(int64_t)j * g + a] - (double)cold[(int64_t)j * g + a];
+                ss += dd * dd;
+            }
+            shift[j] = sqrt(ss);
+        }
+        km_assign(x, w, n, g, centroids, k, shift, sw, 0, idx, dist, lb, ct, scratch);
         double prev = obj;
         obj = sum_serial(dist, n);
         if (hist) hist[nh] = obj;
@@ -196,6 +390,12 @@ lv_status stage_vq_kmeans(const float *x, const float *w, int64_t n, int g,
     }
     if (n_hist) *n_hist = nh;
 done:
+    free(scratch);
+    free(ct);
+    free(cold);
+    free(shift);
+    free(sw);
+    free(lb);
     free(den);
     free(num);
     free(dist);
