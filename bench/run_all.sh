@@ -17,6 +17,7 @@ export OMP_WAIT_POLICY=passive OPENBLAS_NUM_THREADS=1
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "host: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "isa: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -x -E 'avx2|fma|f16c|avx512f|avx512bw' | tr '\n' ' ')"
   echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } >"$OUT/machine.txt"
