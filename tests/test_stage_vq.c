@@ -9,6 +9,7 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include "kern.h"
 #include "quant_testlib.h"
 #include "stage.h"
 
@@ -64,6 +65,65 @@ static void test_kmeans_monotone(void **state)
     free(c);
     free(w);
     free(x);
+}
+
+/* stage_vq_kmeans skips most of Lloyd's distance computations (Hamerly bounds,
+ * centroids transposed and vectorised): its objective history, centroids and
+ * final assignment must be those of plain Lloyd steps with the reference
+ * assignment (kern_kmeans_assign_ref), bit for bit, from the same seeding. */
+static void test_kmeans_exact_lloyd(void **state)
+{
+    (void)state;
+    const struct { int64_t n; int g, k, weighted, iters; } cases[] = {
+        {5000, 8, 256, 1, 12}, {4000, 4, 64, 0, 25}, {3001, 1, 16, 1, 30},
+        {2500, 3, 37, 1, 20},  {300, 2, 256, 1, 5},  {1200, 8, 7, 0, 40},
+    };
+    for (size_t t = 0; t < sizeof cases / sizeof cases[0]; t++) {
+        const int64_t n = cases[t].n;
+        const int g = cases[t].g, k = cases[t].k, iters = cases[t].iters;
+        lv_rng rng;
+        lv_rng_seed(&rng, 100 + t);
+        float *x = malloc(n * g * sizeof(float)), *w = malloc(n * g * sizeof(float));
+        float *c = malloc((size_t)k * g * sizeof(float)), *cr = malloc((size_t)k * g * sizeof(float));
+        int32_t *idx = malloc(n * sizeof(int32_t)), *idr = malloc(n * sizeof(int32_t));
+        double *dist = malloc(n * sizeof(double)), *num = malloc((size_t)k * g * sizeof(double));
+        double *den = malloc((size_t)k * g * sizeof(double)), hist[64], href[64];
+        assert_true(x && w && c && cr && idx && idr && dist && num && den);
+        fill_points(&rng, x, w, n, g);
+        const float *wp = cases[t].weighted ? w : NULL;
+        stage_vq_kmeans_config kc = {.k = k, .max_iters = iters, .tol = 0.0, .seed = 7 + t};
+        int nh = 0;
+        assert_int_equal(stage_vq_kmeans(x, wp, n, g, &kc, c, idx, hist, &nh), LV_OK);
+        /* the reference: the same seeding (0 iterations), then plain Lloyd */
+        kc.max_iters = 0;
+        assert_int_equal(stage_vq_kmeans(x, wp, n, g, &kc, cr, idr, NULL, NULL), LV_OK);
+        int nr = 0;
+        for (int it = 0;; it++) {
+            kern_kmeans_assign_ref(idr, dist, x, wp, n, g, cr, k);
+            double obj = 0.0;
+            for (int64_t i = 0; i < n; i++) obj += dist[i];
+            href[nr++] = obj;
+            if (it == iters) break;
+            memset(num, 0, (size_t)k * g * sizeof(double));
+            memset(den, 0, (size_t)k * g * sizeof(double));
+            for (int64_t i = 0; i < n; i++)
+                for (int a = 0; a < g; a++) {
+                    double wa = wp ? (double)wp[i * g + a] : 1.0;
+                    num[(int64_t)idr[i] * g + a] += wa * (double)x[i * g + a];
+                    den[(int64_t)idr[i] * g + a] += wa;
+                }
+            for (int64_t q = 0; q < (int64_t)k * g; q++)
+                if (den[q] > 0.0) cr[q] = (float)(num[q] / den[q]);
+        }
+        assert_int_equal(nh, nr);
+        assert_memory_equal(hist, href, sizeof(double) * (size_t)nh);
+        assert_memory_equal(c, cr, sizeof(float) * (size_t)k * g);
+        assert_memory_equal(idx, idr, sizeof(int32_t) * (size_t)n);
+        printf("kmeans n %lld g %d k %d weighted %d: %d iterations identical to plain Lloyd "
+               "(objective %.6g -> %.6g)\n", (long long)n, g, k, cases[t].weighted, iters,
+               hist[0], hist[nh - 1]);
+        free(den); free(num); free(dist); free(idr); free(idx); free(cr); free(c); free(w); free(x);
+    }
 }
 
 static void test_kmeans_seeding_deterministic(void **state)
@@ -177,6 +237,7 @@ int main(void)
     lv_log_set_quiet(1);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kmeans_monotone),
+        cmocka_unit_test(test_kmeans_exact_lloyd),
         cmocka_unit_test(test_kmeans_seeding_deterministic),
         cmocka_unit_test(test_vq_layer),
         cmocka_unit_test(test_vq_padding),
