@@ -56,7 +56,7 @@ lv_status io_atomic_close(io_atomic *a, int commit)
 {
     lv_status st = LV_OK;
     if (!a->f) goto done;
-    int bad = fflush(a->f) != 0 || fsync(fileno(a->f)) != 0;
+    int bad = fflush(a->f) != 0; /* io_commit_file fsyncs the file, then the directory */
     bad |= fclose(a->f) != 0;
     a->f = NULL;
     if (!commit) {

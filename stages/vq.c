@@ -78,7 +78,7 @@ done:
 
 /* ---------------------------------------------------------------- k-means */
 
-static double wdist(const float *x, const float *w, const float *c, int g)
+static inline double wdist(const float *x, const float *w, const float *c, int g)
 {
     double d = 0.0;
     for (int a = 0; a < g; a++) {
@@ -102,11 +102,7 @@ static inline __attribute__((always_inline)) void km_min_body(const float *x, co
 {
 #pragma omp simd
     for (int64_t i = i0; i < i1; i++) {
-        double d = 0.0;
-        for (int a = 0; a < g; a++) {
-            const double diff = (double)x[i * g + a] - (double)c[a];
-            d += (w ? (double)w[i * g + a] : 1.0) * diff * diff;
-        }
+        const double d = wdist(x + i * g, w ? w + i * g : NULL, c, g);
         if (d < mind[i]) mind[i] = d;
     }
 }
@@ -287,9 +283,8 @@ static void km_scan(km_dists_fn fn, const float *xi, const float *wi, int g, con
  * KM_MARGIN on both sides, that centroid is still the strict nearest one in
  * exact arithmetic and in the reference's rounded distances alike, and the
  * scan over all k centroids is skipped; otherwise the point is scanned in
- * full. full = 1: scan every point (the first assignment). Returns the number
- * of points scanned in full. */
-static int64_t km_assign(const float *x, const float *w, int64_t n, int g, const float *c, int k,
+ * full. full = 1: scan every point (the first assignment). */
+static void km_assign(const float *x, const float *w, int64_t n, int g, const float *c, int k,
                          const double *shift, const double *sw, int full, int32_t *idx,
                          double *dist, double *lb, double *ct, double *scratch)
 {
@@ -307,8 +302,7 @@ static int64_t km_assign(const float *x, const float *w, int64_t n, int g, const
             m2 = shift[j];
         }
     }
-    int64_t scanned = 0;
-#pragma omp parallel for schedule(static) reduction(+ : scanned)
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) {
         const float *xi = x + i * g, *wi = w ? w + i * g : NULL;
         double *dk = scratch + (int64_t)omp_get_thread_num() * k;
@@ -325,9 +319,7 @@ static int64_t km_assign(const float *x, const float *w, int64_t n, int g, const
         double second = 0.0;
         km_scan(fn, xi, wi, g, ct, k, dk, &idx[i], &dist[i], &second);
         lb[i] = sqrt(second);
-        scanned++;
     }
-    return scanned;
 }
 
 lv_status stage_vq_kmeans(const float *x, const float *w, int64_t n, int g,
