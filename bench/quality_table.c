@@ -48,7 +48,7 @@
 #define CALIB_SEED 0
 #define EVAL_CTX 512
 
-enum { K_FP, K_RTN, K_PM, K_SHARED };        /* row kinds */
+enum { K_FP, K_RTN, K_PM, K_SHARED, K_SHTYPE }; /* row kinds (K_SHTYPE: one codebook per linear type) */
 enum { S_INIT, S_AQLM, S_FT };               /* stages */
 
 typedef struct {
@@ -75,6 +75,9 @@ static const row_def ROWS[] = {
     {"sh4-init", K_SHARED, S_INIT, 0, 3, "shared by 35 linears: VPTQ init only"},
     {"sh4-aqlm", K_SHARED, S_AQLM, 0, 3, "shared by 35 linears: + AQLM beam search"},
     {"sh4-ft", K_SHARED, S_FT, 0, 3, "shared by 35 linears: + shared block fine-tuning"},
+    {"st4-init", K_SHTYPE, S_INIT, 0, 3, "one per linear type, shared by 5 blocks: VPTQ init only"},
+    {"st4-aqlm", K_SHTYPE, S_AQLM, 0, 3, "one per linear type, shared by 5 blocks: + AQLM beam search"},
+    {"st4-ft", K_SHTYPE, S_FT, 0, 3, "one per linear type, shared by 5 blocks: + shared block fine-tuning"},
 };
 #define N_ROWS ((int)(sizeof ROWS / sizeof ROWS[0]))
 
@@ -230,7 +233,8 @@ static lv_status shared_finetune(const qt_ctx *q, lv_qmodel *qm, row_result *res
         memcpy(x[l + 1], x[l], act * sizeof(float));
         LV_TRY(stage_calib_block(q->fp, l, x[l + 1], N_SEQ, SEQ_T, ws, micro, NULL));
     }
-    stage_ft_config ft = {.lr = 1e-3f, .max_epochs = 16, .seed = 0, .verbose = 1};
+    stage_ft_config ft = {.lr = 1e-3f, .max_epochs = 16, .seed = 0, .verbose = 1,
+                          .share = qm->shared_codebooks};
     const char *e = getenv("QT_SHFT_LR");
     if (e) ft.lr = (float)atof(e);
     e = getenv("QT_SHFT_EPOCHS");
@@ -246,29 +250,57 @@ done:
     return st;
 }
 
-/* Codebooks shared by every linear (FP-propagation Hessians), up to `stage`. */
-static lv_status run_shared(const qt_ctx *q, const int cf[3], int stage, lv_qmodel **qm_out,
-                            row_result *res)
+/* Codebooks shared by every linear (share LV_SHARE_MODEL) or one per linear
+ * type shared by the blocks (LV_SHARE_TYPE, slot k seeded seed + k), with
+ * FP-propagation Hessians, up to `stage`. */
+static lv_status run_shared(const qt_ctx *q, const int cf[3], int stage, int share,
+                            lv_qmodel **qm_out, row_result *res)
 {
     lv_status st = LV_OK;
     bench_lins li = {0};
-    lv_aq_layer *out = NULL;
+    lv_aq_layer *out = NULL, *tmp = NULL;
     lv_qmodel *qm = NULL;
-    stage_aqlm_stats sx = {0};
+    const float **Ws = NULL, **Hs = NULL;
+    int64_t *dos = NULL, *dis = NULL;
     LV_TRY(bench_fp_hessians(&li, q->fp, q->seqs, N_SEQ, SEQ_T));
-    const int n = li.n_lin;
-    const stage_aqlm_config acfg = aqlm_cfg(cf, 1);
+    const int n = li.n_lin, slots = lv_share_slots(share);
+    const int per = share == LV_SHARE_TYPE ? n / LV_LIN_COUNT : n;
     LV_ALLOC(out, n);
-    if (stage == S_INIT)
-        LV_TRY(stage_vq_run_shared(n, li.W, li.H, li.d_out, li.d_in, NULL, &acfg, out));
-    else
-        LV_TRY(stage_aqlm_run_shared(n, li.W, li.H, li.d_out, li.d_in, &acfg, out, &sx));
-    res->bpw = stage_aqlm_bits_per_weight_shared(n, out);
+    LV_ALLOC(tmp, per);
+    LV_ALLOC(Ws, per);
+    LV_ALLOC(Hs, per);
+    LV_ALLOC(dos, per);
+    LV_ALLOC(dis, per);
+    double rel0 = 0.0, rel1 = 0.0;
+    int iters = 0;
+    for (int s = 0; s < slots; s++) {
+        stage_aqlm_stats sx = {0};
+        stage_aqlm_config acfg = aqlm_cfg(cf, 1);
+        acfg.seed += share == LV_SHARE_TYPE ? (uint64_t)s : 0;
+        int m = 0;
+        for (int i = 0; i < n; i++)
+            if (share != LV_SHARE_TYPE || i % LV_LIN_COUNT == s)
+                Ws[m] = li.W[i], Hs[m] = li.H[i], dos[m] = li.d_out[i], dis[m] = li.d_in[i], m++;
+        if (stage == S_INIT)
+            LV_TRY(stage_vq_run_shared(m, Ws, Hs, dos, dis, NULL, &acfg, tmp));
+        else
+            LV_TRY(stage_aqlm_run_shared(m, Ws, Hs, dos, dis, &acfg, tmp, &sx));
+        for (int j = 0, i = 0; i < n; i++)
+            if (share != LV_SHARE_TYPE || i % LV_LIN_COUNT == s) {
+                out[i] = tmp[j];
+                memset(&tmp[j], 0, sizeof tmp[j]);
+                j++;
+            }
+        rel0 += sx.rel_err_init * m / n;
+        rel1 += (sx.iters > 0 ? sx.rel_err[(sx.iters < STAGE_AQLM_MAX_HIST ? sx.iters
+                                                                          : STAGE_AQLM_MAX_HIST) - 1]
+                              : sx.rel_err_init) * m / n;
+        iters = sx.iters > iters ? sx.iters : iters;
+    }
+    if (share == LV_SHARE_MODEL) res->bpw = stage_aqlm_bits_per_weight_shared(n, out);
     if (stage != S_INIT)
-        snprintf(res->note, sizeof res->note, "mean layer rel err %.4f -> %.4f (%d alternations)",
-                 sx.rel_err_init, sx.iters > 0 ? sx.rel_err[(sx.iters < STAGE_AQLM_MAX_HIST
-                                                             ? sx.iters : STAGE_AQLM_MAX_HIST) - 1]
-                                               : sx.rel_err_init, sx.iters);
+        snprintf(res->note, sizeof res->note, "mean layer rel err %.4f -> %.4f (%s%d alternations)",
+                 rel0, rel1, slots > 1 ? "<= " : "", iters);
     LV_TRY(lv_qmodel_init(&qm, q->fp, cf[0], cf[1], cf[2]));
     for (int i = 0; i < n; i++) { /* ownership of out[i] moves into the model */
         lv_aq_layer *dst = &qm->blocks[i / LV_LIN_COUNT].lin[i % LV_LIN_COUNT];
@@ -276,12 +308,20 @@ static lv_status run_shared(const qt_ctx *q, const int cf[3], int stage, lv_qmod
         *dst = out[i];
         memset(&out[i], 0, sizeof out[i]);
     }
+    qm->shared_codebooks = share;
+    if (share != LV_SHARE_MODEL) res->bpw = lv_qmodel_bits_per_weight(qm);
     if (stage == S_FT) LV_TRY(shared_finetune(q, qm, res));
     *qm_out = qm;
     qm = NULL;
 done:
     for (int i = 0; out && i < n; i++) lv_aq_layer_free(&out[i]);
+    for (int i = 0; tmp && i < per; i++) lv_aq_layer_free(&tmp[i]);
     free(out);
+    free(tmp);
+    free(Ws);
+    free(Hs);
+    free(dos);
+    free(dis);
     lv_qmodel_free(qm);
     bench_lins_free(&li);
     return st;
@@ -337,7 +377,8 @@ static lv_status run_row(qt_ctx *q, const row_def *r, row_result *res)
         if (r->kind == K_PM)
             LV_TRY(run_per_matrix(q, q->cfg[r->cfg], r->stage, &qm, res));
         else
-            LV_TRY(run_shared(q, q->cfg[r->cfg], r->stage, &qm, res));
+            LV_TRY(run_shared(q, q->cfg[r->cfg], r->stage,
+                              r->kind == K_SHTYPE ? LV_SHARE_TYPE : LV_SHARE_MODEL, &qm, res));
         res->wall_s = lv_now() - t0;
         LV_TRY(io_qmodel_to_fp(qm, &qfp));
         LV_TRY(bench_eval_ppl(qfp, q->toks, q->n_tok, EVAL_CTX, q->max_tokens, &res->ppl));
@@ -411,7 +452,8 @@ static int select_rows(const char *list, int *sel)
             int group = !strcmp(t, "all") ||
                         (!strcmp(t, "rtn") && ROWS[i].kind == K_RTN) ||
                         (!strcmp(t, "shared") && ROWS[i].kind == K_SHARED && ROWS[i].cfg == 2) ||
-                        ((!strcmp(t, "pm2") || !strcmp(t, "pm4") || !strcmp(t, "sh4")) &&
+                        ((!strcmp(t, "pm2") || !strcmp(t, "pm4") || !strcmp(t, "sh4") ||
+                          !strcmp(t, "st4")) &&
                          !strncmp(id, t, n) &&
                          id[n] == '-');
             if (group || !strcmp(t, id)) {
@@ -430,7 +472,8 @@ static void usage(void)
             "usage: bench_quality_table [--rows LIST] [--max-tokens N] [--cfg2 MxBgG] "
             "[--cfg4 MxBgG] [--shared-cfg MxBgG] [--shared4-cfg MxBgG] [--json FILE]\n  rows: all, "
             "fp, rtn, rtn2, rtn3, rtn4, pm2, pm2-init, pm2-aqlm, pm2-ft, shared, sh-init, sh-aqlm, "
-            "sh-ft, pm4, pm4-init, pm4-aqlm, pm4-ft, sh4, sh4-init, sh4-aqlm, sh4-ft\n");
+            "sh-ft, pm4, pm4-init, pm4-aqlm, pm4-ft, sh4, sh4-init, sh4-aqlm, sh4-ft, st4, st4-init, "
+            "st4-aqlm, st4-ft\n");
 }
 
 /* The table as JSON (bench/run_all.sh turns it into the Pareto plot and docs/results.md). */
@@ -451,7 +494,7 @@ static int write_json(const char *path, const qt_ctx *q, const int *sel, const r
         if (!sel[i]) continue;
         const row_def *r = &ROWS[i];
         const char *kind = r->kind == K_FP ? "fp" : r->kind == K_RTN ? "rtn"
-                           : r->kind == K_SHARED ? "shared" : "per-matrix";
+                           : r->kind == K_SHARED ? "shared" : r->kind == K_SHTYPE ? "shared-type" : "per-matrix";
         char config[64];
         if (r->kind == K_RTN) snprintf(config, sizeof config, "%d-bit g32", r->bits);
         else if (r->kind == K_FP) snprintf(config, sizeof config, "fp32");
@@ -541,7 +584,7 @@ int main(int argc, char **argv)
         if (r->kind == K_FP) snprintf(config, sizeof config, "-");
         else if (r->kind == K_RTN) snprintf(config, sizeof config, "%d-bit, g32, fp16 scale+zero", r->bits);
         else snprintf(config, sizeof config, "%s%s", names[r->cfg],
-                      r->kind == K_SHARED ? " shared, FP prop." : ", quantized prop.");
+                      r->kind == K_SHARED ? " shared, FP prop." : r->kind == K_SHTYPE ? " per type, FP prop." : ", quantized prop.");
         if (!res[i].ok) {
             printf("| %s | %s | - | - | - | - | - | %s |\n", r->method, config, res[i].note);
             continue;

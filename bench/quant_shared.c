@@ -58,7 +58,7 @@ static lv_status eval_ppl(const bench_ctx *b, const lv_model *m, double *ppl)
 typedef struct {
     char name[64];
     stage_aqlm_config cfg;
-    int trace, per;
+    int trace, per, bytype;
 } bench_case;
 
 static int parse_case(const char *s, bench_case *bc)
@@ -72,6 +72,7 @@ static int parse_case(const char *s, bench_case *bc)
                                   .adam_steps = 100, .kmeans_iters = 20, .seed = 1};
     bc->trace = strstr(s + n, ":trace") != NULL;
     bc->per = strstr(s + n, ":per") != NULL;
+    bc->bytype = strstr(s + n, ":type") != NULL ? 1 : strstr(s + n, ":block") != NULL ? 2 : 0;
     if (strstr(s + n, ":lstsq")) bc->cfg.codebook_update = STAGE_AQLM_LSTSQ;
     if (strstr(s + n, ":long")) bc->cfg.rel_tol = 1e-3;
     const char *sd = strstr(s + n, ":seed");
@@ -132,6 +133,32 @@ static lv_status run_case(bench_ctx *b, const bench_case *bc)
             double nw = (double)li->d_out[i] * (double)li->d_in[i];
             bits += stage_aqlm_bits_per_weight(&out[i]) * nw;
             weights += nw;
+        }
+        bpw = bits / weights;
+    } else if (bc->bytype) { /* one codebook per linear type (wq of every block, ...) */
+        double bits = 0.0, weights = 0.0;
+        const int ngrp = bc->bytype == 1 ? LV_LIN_COUNT : n / LV_LIN_COUNT;
+        for (int k = 0; k < ngrp; k++) {
+            int nb = bc->bytype == 1 ? n / LV_LIN_COUNT : LV_LIN_COUNT;
+            const float *Wk[64], *Hk[64];
+            int64_t dok[64], dik[64];
+            lv_aq_layer outk[64];
+            int idx[64];
+            for (int l = 0; l < nb; l++) {
+                idx[l] = bc->bytype == 1 ? l * LV_LIN_COUNT + k : k * LV_LIN_COUNT + l;
+                Wk[l] = li->W[idx[l]];
+                Hk[l] = li->H[idx[l]];
+                dok[l] = li->d_out[idx[l]];
+                dik[l] = li->d_in[idx[l]];
+            }
+            LV_TRY(stage_aqlm_run_shared_weighted(nb, Wk,
+                                                  Hk, dok, dik, NULL,
+                                                  &bc->cfg, outk, &sx));
+            double nw = 0.0;
+            for (int l = 0; l < nb; l++) nw += (double)dok[l] * dik[l];
+            bits += stage_aqlm_bits_per_weight_shared(nb, outk) * nw;
+            weights += nw;
+            for (int l = 0; l < nb; l++) out[idx[l]] = outk[l];
         }
         bpw = bits / weights;
     } else {

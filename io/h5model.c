@@ -386,8 +386,10 @@ done:
 }
 
 /* Reads block group `name` into b (b zeroed; freed by the caller on failure). */
+/* shared (may be NULL): the model's shared codebook tensors, slot-major (share:
+ * the sharing mode, LV_SHARE_*), shape (M, 2^nbits, g) each of shared_dims. */
 static lv_status read_block(hid_t loc, const char *name, const lv_model_config *cfg, lv_qblock *b,
-                            int *layer, const float *shared, const int *shared_dims,
+                            int *layer, const float *shared, int share, const int *shared_dims,
                             const char *path)
 {
     lv_status st = LV_OK;
@@ -405,7 +407,10 @@ static lv_status read_block(hid_t loc, const char *name, const lv_model_config *
     LV_TRY(check_finite(b->ffn_norm, d, path, "ffn_norm"));
     for (int k = 0; k < LV_LIN_COUNT; k++) {
         int r = 0;
-        LV_TRY(read_linear(g, (lv_lin)k, cfg, &b->lin[k], &b->rel_err[k], shared, shared_dims,
+        const float *sk = shared ? shared + (int64_t)lv_share_slot(share, k) * shared_dims[0] *
+                                               ((int64_t)1 << shared_dims[1]) * shared_dims[2]
+                                 : NULL;
+        LV_TRY(read_linear(g, (lv_lin)k, cfg, &b->lin[k], &b->rel_err[k], sk, shared_dims,
                            &r, &b->lora_A[k], &b->lora_B[k], path, name));
         if (r && b->lora_rank && r != b->lora_rank)
             LV_FAIL(LV_ERR_FORMAT, "%s: %s/%s has LoRA rank %d, another linear of the block %d",
@@ -529,26 +534,41 @@ done:
 
 static uint64_t qmodel_checksum(const lv_qmodel *q);
 
-/* The one codebook tensor of a shared-codebook model at the root, after
- * checking that every linear holds the same copy (a model that claims sharing
- * but does not share would be silently wrong once stored once). */
+/* The shared codebook tensors at the root, after checking that every linear
+ * holds the same copy as the owner of its slot (a model that claims sharing
+ * but does not share would be silently wrong once stored once): "codebooks",
+ * (M, 2^B, g) for LV_SHARE_MODEL, (7, M, 2^B, g) in linear order for
+ * LV_SHARE_TYPE. */
 static lv_status write_shared_codebooks(hid_t f, const lv_qmodel *q, const char *path)
 {
     lv_status st = LV_OK;
+    const int share = q->shared_codebooks, slots = lv_share_slots(share);
     const lv_aq_layer *L0 = &q->blocks[0].lin[0];
-    int64_t bd[3] = {L0->M, (int64_t)1 << L0->nbits, L0->g};
-    const size_t bytes = sizeof(float) * (size_t)(bd[0] * bd[1] * bd[2]);
+    const int64_t N = (int64_t)L0->M * ((int64_t)1 << L0->nbits) * L0->g;
+    int64_t bd[4] = {slots, L0->M, (int64_t)1 << L0->nbits, L0->g};
+    float *all = NULL;
+    if (slots < 1) LV_FAIL(LV_ERR_INVALID_ARG, "%s: shared_codebooks = %d is not a sharing mode",
+                           path, share);
     for (int l = 0; l < q->cfg.n_layers; l++)
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *L = &q->blocks[l].lin[k];
+            const int own = lv_share_slot(share, k);
+            const lv_aq_layer *O = &q->blocks[0].lin[own];
             if (L->M != L0->M || L->nbits != L0->nbits || L->g != L0->g ||
-                memcmp(L->codebooks, L0->codebooks, bytes) != 0)
-                LV_FAIL(LV_ERR_INVALID_ARG, "%s: shared codebooks: block %d %s holds other "
-                        "codebooks than block 0 wq", path, l, lv_lin_name((lv_lin)k));
+                memcmp(L->codebooks, O->codebooks, sizeof(float) * (size_t)N) != 0)
+                LV_FAIL(LV_ERR_INVALID_ARG, "%s: shared codebooks (%s): block %d %s holds other "
+                        "codebooks than block 0 %s", path, lv_share_name(share), l,
+                        lv_lin_name((lv_lin)k), lv_lin_name((lv_lin)own));
         }
-    LV_TRY(dset_write(f, "codebooks", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 3, bd, L0->codebooks,
-                      path));
+    LV_ALLOC(all, (size_t)(slots * N));
+    for (int s = 0; s < slots; s++)
+        memcpy(all + s * N, q->blocks[0].lin[s].codebooks, sizeof(float) * (size_t)N);
+    if (share == LV_SHARE_MODEL)
+        LV_TRY(dset_write(f, "codebooks", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 3, bd + 1, all, path));
+    else
+        LV_TRY(dset_write(f, "codebooks", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 4, bd, all, path));
 done:
+    free(all);
     return st;
 }
 
@@ -645,7 +665,7 @@ lv_status io_qmodel_write_extra(const lv_qmodel *q, const char *path, const char
     LV_TRY(attr_u64(f, "job_hash", q->job_hash, path));
     LV_TRY(attr_u64(f, "model_hash", q->model_hash, path));
     LV_TRY(attr_f64(f, "bpw_total", lv_qmodel_bits_per_weight(q), path));
-    LV_TRY(attr_i64(f, "shared_codebooks", q->shared_codebooks ? 1 : 0, path));
+    LV_TRY(attr_i64(f, "shared_codebooks", q->shared_codebooks, path));
     LV_TRY(attr_u64(f, "checksum", qmodel_checksum(q), path));
     if (q->shared_codebooks) LV_TRY(write_shared_codebooks(f, q, path));
     LV_TRY(dset_write(f, "tok_embeddings", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 2, emb, q->tok_emb, path));
@@ -720,13 +740,17 @@ lv_status io_qmodel_read_extra(lv_qmodel **out, const char *path, const char *gr
     LV_TRY(attr_read(f, "model_hash", H5T_NATIVE_UINT64, &q->model_hash, path));
     /* absent in files written before codebook sharing existed: not shared */
     if (H5Aexists(f, "shared_codebooks") > 0)
-        LV_TRY(attr_get_int(f, "shared_codebooks", &q->shared_codebooks, 0, 1, path));
+        LV_TRY(attr_get_int(f, "shared_codebooks", &q->shared_codebooks, 0, LV_SHARE_TYPE, path));
     if (q->shared_codebooks) {
+        const int slots = lv_share_slots(q->shared_codebooks);
         sdims[0] = q->M, sdims[1] = q->nbits, sdims[2] = q->g;
-        int64_t bd[3] = {q->M, (int64_t)1 << q->nbits, q->g};
-        LV_ALLOC(shared, (size_t)(bd[0] * bd[1] * bd[2]));
-        LV_TRY(dset_read(f, "codebooks", H5T_NATIVE_FLOAT, H5T_FLOAT, 3, bd, shared, path, ""));
-        LV_TRY(check_finite(shared, bd[0] * bd[1] * bd[2], path, "codebooks"));
+        int64_t bd[4] = {slots, q->M, (int64_t)1 << q->nbits, q->g};
+        LV_ALLOC(shared, (size_t)(bd[0] * bd[1] * bd[2] * bd[3]));
+        if (q->shared_codebooks == LV_SHARE_MODEL)
+            LV_TRY(dset_read(f, "codebooks", H5T_NATIVE_FLOAT, H5T_FLOAT, 3, bd + 1, shared, path, ""));
+        else
+            LV_TRY(dset_read(f, "codebooks", H5T_NATIVE_FLOAT, H5T_FLOAT, 4, bd, shared, path, ""));
+        LV_TRY(check_finite(shared, bd[0] * bd[1] * bd[2] * bd[3], path, "codebooks"));
     }
     int64_t emb[2] = {c->vocab_size, c->dim}, d = c->dim;
     LV_ALLOC(q->tok_emb, (size_t)emb[0] * (size_t)emb[1]);
@@ -746,7 +770,8 @@ lv_status io_qmodel_read_extra(lv_qmodel **out, const char *path, const char *gr
         char name[16];
         int layer = -1;
         snprintf(name, sizeof name, "%03d", l);
-        LV_TRY(read_block(blocks, name, c, &q->blocks[l], &layer, shared, sdims, path));
+        LV_TRY(read_block(blocks, name, c, &q->blocks[l], &layer, shared, q->shared_codebooks,
+                          sdims, path));
         if (layer != l) LV_FAIL(LV_ERR_FORMAT, "%s: blocks/%s holds layer %d", path, name, layer);
     }
     /* absent in files written before it existed */
@@ -812,7 +837,7 @@ static lv_status qblock_load(const char *path, const lv_model_config *cfg, lv_qb
     LV_TRY(attr_read(f, "job_hash", H5T_NATIVE_UINT64, &info->job_hash, path));
     LV_TRY(attr_read(f, "model_hash", H5T_NATIVE_UINT64, &info->model_hash, path));
     LV_TRY(attr_read(f, "checksum", H5T_NATIVE_UINT64, &info->checksum, path));
-    LV_TRY(read_block(f, "block", &info->cfg, b, &info->layer, NULL, NULL, path));
+    LV_TRY(read_block(f, "block", &info->cfg, b, &info->layer, NULL, 0, NULL, path));
     if (io_qblock_checksum(b) != info->checksum)
         LV_FAIL(LV_ERR_FORMAT, "%s: checksum mismatch: the block's data is corrupt", path);
     info->block_mse = b->block_mse;

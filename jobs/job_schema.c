@@ -50,10 +50,11 @@ static const job_key schema[] = {
      "PV-tuning): model.h5 then holds exactly what bits_per_weight counts and what "
      "`export --format hf-aqlm` stores (a lossless export), and 1x16 codebooks take the fp16 "
      "path of the inference kernels; false keeps them fp32 (what older model.h5 files hold)"},
-    {"quant", "share_codebooks", JOB_ENUM, "none", NOLIM, "none|model",
+    {"quant", "share_codebooks", JOB_ENUM, "none", NOLIM, "none|model|type",
      "none: codebooks per linear; model: ONE codebook tensor for every linear of the model "
      "(stored and counted once; needs propagation = fp; for small models, where per-linear "
-     "codebooks cost more bits than the codes)"},
+     "codebooks cost more bits than the codes); type: one codebook tensor per linear type "
+     "(wq of every block, wk of every block, ...: 7 tensors; needs propagation = fp)"},
 
     /* [finetune] */
     {"finetune", "enable", JOB_BOOL, "true", NOLIM, NULL,

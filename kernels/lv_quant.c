@@ -161,6 +161,11 @@ void lv_qmodel_free(lv_qmodel *q)
     free(q);
 }
 
+const char *lv_share_name(int share)
+{
+    return share == LV_SHARE_MODEL ? "model" : share == LV_SHARE_TYPE ? "type" : "none";
+}
+
 double lv_qmodel_bits_per_weight(const lv_qmodel *q)
 {
     double bits = 0, weights = 0;
@@ -168,7 +173,7 @@ double lv_qmodel_bits_per_weight(const lv_qmodel *q)
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *L = &q->blocks[l].lin[k];
             bits += (double)L->d_out * (double)L->n_groups * L->M * L->nbits;
-            if (!q->shared_codebooks || (l == 0 && k == 0))
+            if (lv_share_owner(q->shared_codebooks, l, k))
                 bits += (double)L->M * (double)(1 << L->nbits) * L->g * 16.0;
             bits += (double)L->d_out * 16.0;
             weights += (double)L->d_out * (double)L->d_in;

@@ -72,10 +72,36 @@ typedef struct {
     float *wcls;                  /* (vocab, dim), owned; NULL when cfg.tied_cls */
     lv_qblock *blocks;            /* (n_layers), owned */
     uint64_t job_hash, model_hash;
-    int shared_codebooks;         /* 1: every linear of every block holds an identical copy
-                                     of ONE codebook tensor (quant.share_codebooks = model):
-                                     stored once in files, counted once in bits per weight */
+    int shared_codebooks;         /* LV_SHARE_*: LV_SHARE_MODEL, every linear of every block
+                                     holds an identical copy of ONE codebook tensor
+                                     (quant.share_codebooks = model); LV_SHARE_TYPE, one
+                                     tensor per linear type (wq of every block, ...;
+                                     quant.share_codebooks = type). Each distinct tensor is
+                                     stored once in files and counted once in bits per weight */
 } lv_qmodel;
+
+/* Codebook sharing of a quantized model (lv_qmodel.shared_codebooks). */
+enum { LV_SHARE_NONE = 0, LV_SHARE_MODEL = 1, LV_SHARE_TYPE = 2 };
+
+/* Number of distinct shared codebook tensors ("slots") of a sharing mode:
+ * 1 for LV_SHARE_MODEL, LV_LIN_COUNT for LV_SHARE_TYPE (0 for none). */
+static inline int lv_share_slots(int share)
+{
+    return share == LV_SHARE_TYPE ? LV_LIN_COUNT : share == LV_SHARE_MODEL ? 1 : 0;
+}
+/* The slot whose tensor linear `which` uses (any block); 0 unless LV_SHARE_TYPE. */
+static inline int lv_share_slot(int share, int which)
+{
+    return share == LV_SHARE_TYPE ? which : 0;
+}
+/* 1 when linear `which` of block l holds the first copy of its tensor (the
+ * one counted and stored): always without sharing. */
+static inline int lv_share_owner(int share, int l, int which)
+{
+    return share == LV_SHARE_NONE || (l == 0 && (share == LV_SHARE_TYPE || which == 0));
+}
+/* The name of a sharing mode as in job files: "none", "model", "type". */
+const char *lv_share_name(int share);
 
 /* Allocate arrays of L for the given shape (codes zero, scales one). */
 lv_status lv_aq_layer_init(lv_aq_layer *L, int64_t d_out, int64_t d_in, int M, int nbits, int g);
@@ -110,7 +136,7 @@ void lv_qmodel_free(lv_qmodel *q);
 
 /* Total storage bits per quantized weight over all linears of the model:
  * codes + codebooks (16-bit) + scales (16-bit), as in AQLM's accounting; with
- * shared_codebooks the one codebook tensor counts once. */
+ * shared_codebooks each distinct codebook tensor counts once. */
 double lv_qmodel_bits_per_weight(const lv_qmodel *q);
 
 #endif

@@ -37,7 +37,7 @@ typedef struct {
     stage_aqlm_config acfg;
     int ft_enable;
     stage_ft_config ft;
-    int share_model;    /* quant.share_codebooks = model */
+    int share;          /* quant.share_codebooks: LV_SHARE_* */
     int pv_enable;
     stage_pv_config pv; /* [pvtune], defaults filled in */
     int64_t pv_n;       /* PV-tuning sequences */
@@ -68,7 +68,8 @@ static lv_status plan_read_job(plan_job *p, const job_file *j)
     {
         const char *share = NULL;
         LV_TRY(job_get_str(j, "quant.share_codebooks", &share));
-        p->share_model = !strcmp(share, "model");
+        p->share = !strcmp(share, "model") ? LV_SHARE_MODEL
+                   : !strcmp(share, "type") ? LV_SHARE_TYPE : LV_SHARE_NONE;
     }
     LV_TRY(pipe_job_stage_configs(j, &p->acfg, &p->ft_enable, &p->ft));
     {
@@ -521,12 +522,12 @@ static pv_cost predict_pv(const plan_job *p, const plan_rates *r, int n_ranks)
     for (int k = 0; k < LV_LIN_COUNT; k++) {
         int64_t o, i;
         lv_lin_shape(c, (lv_lin)k, &o, &i);
-        n_param += c->n_layers * ((p->share_model ? 0.0 : cb) + (double)o);
+        n_param += c->n_layers * ((p->share ? 0.0 : cb) + (double)o);
         n_codes += c->n_layers * (double)o * ceil((double)i / g) * M;
         n_w += c->n_layers * (double)o * (double)i;
         beam += c->n_layers * aqlm_cost(r, &pa, 1, (double)o, (double)i).beam;
     }
-    n_param += 2.0 * c->n_layers * c->dim + (p->share_model ? cb : 0.0);
+    n_param += 2.0 * c->n_layers * c->dim + lv_share_slots(p->share) * cb;
     v.n_param = (int64_t)n_param, v.n_codes = (int64_t)n_codes, v.n_w = (int64_t)n_w;
     v.p_step = v.v_step + beam / (n_ranks < c->n_layers * LV_LIN_COUNT ? n_ranks : 1.0);
     v.total = v.v_steps * v.v_step + v.p_steps * v.p_step + v.eval;

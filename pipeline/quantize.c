@@ -45,17 +45,18 @@ static lv_status read_job(qjob *q, const job_file *j)
     LV_TRY(job_get_str(j, "quant.propagation", &q->prop));
     const char *share = NULL;
     LV_TRY(job_get_str(j, "quant.share_codebooks", &share));
-    q->share_model = !strcmp(share, "model");
+    q->share = !strcmp(share, "model") ? LV_SHARE_MODEL
+               : !strcmp(share, "type") ? LV_SHARE_TYPE : LV_SHARE_NONE;
     LV_TRY(job_get_bool(j, "quant.fp16", &q->fp16));
-    if (q->share_model && strcmp(q->prop, "fp") != 0)
-        LV_FAIL(LV_ERR_INVALID_ARG, "quant.share_codebooks = model needs quant.propagation = fp "
+    if (q->share && strcmp(q->prop, "fp") != 0)
+        LV_FAIL(LV_ERR_INVALID_ARG, "quant.share_codebooks = %s needs quant.propagation = fp "
                 "(the shared codebooks are fitted to every block's Hessian at once, so all "
-                "blocks see the FP model's activations)");
+                "blocks see the FP model's activations)", share);
     LV_TRY(pipe_job_stage_configs(j, &q->acfg, &q->ft_enable, &q->ft));
     LV_TRY(pipe_job_pv_config(j, &q->pv_enable, &q->pv, &q->pv_nsamples));
     LV_TRY(job_get_int(j, "apiq.rank", &q->apiq_rank));
     LV_TRY(job_get_int(j, "apiq.iters", &q->apiq_iters));
-    if (q->apiq_rank > 0 && (q->share_model || q->ft_enable))
+    if (q->apiq_rank > 0 && (q->share || q->ft_enable))
         LV_FAIL(LV_ERR_INVALID_ARG, "apiq.rank = %lld needs quant.share_codebooks = none and "
                 "finetune.enable = false (ApiQ fits adapters per linear; block fine-tuning does "
                 "not train through them yet)", (long long)q->apiq_rank);
@@ -519,7 +520,7 @@ static lv_status assemble_blocks(qjob *q, lv_qmodel **out)
     }
     qm->job_hash = q->job_hash;
     qm->model_hash = q->model_hash;
-    qm->shared_codebooks = q->share_model;
+    qm->shared_codebooks = q->share;
     *out = qm;
     qm = NULL;
 done:
@@ -632,11 +633,14 @@ static lv_status run_quantize(qjob *q, const job_file *j, comm_ctx *comm, int *f
                "beam %d, propagation %s%s, checkpoints in %s", q->model_path, c->n_layers, size,
                size > 1 ? "s" : "", (long long)q->n_seq, q->T, q->acfg.n_codebooks,
                q->acfg.nbits, q->acfg.group_size, q->acfg.beam_size, q->prop,
-               q->share_model ? ", codebooks shared by all linears" : "", q->ckpt_dir);
+               q->share == LV_SHARE_MODEL  ? ", codebooks shared by all linears"
+               : q->share == LV_SHARE_TYPE ? ", one codebook per linear type shared by the blocks"
+                                           : "",
+               q->ckpt_dir);
     if (size > 1 && q->rank_logs) lv_log("shard: blocks %d..%d", first, last - 1);
     pipe_progress prog;
     LV_TRY(pipe_progress_init(&prog, comm, c->n_layers, t0, q->rank_logs));
-    st = q->share_model ? pipe_quantize_shared(q, comm, &prog, t0)
+    st = q->share ? pipe_quantize_shared(q, comm, &prog, t0)
                         : quantize_shard(q, comm, &prog, first, last, t0);
     {
         lv_status wst = pipe_progress_finish(&prog, st);

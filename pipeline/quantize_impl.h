@@ -26,7 +26,7 @@ extern const char *const pipe_prof_names[PIPE_PROF_N];
 typedef struct {
     /* job */
     const char *model_path, *tok_path, *calib_path, *out_dir, *eval_path, *prop;
-    int share_model;     /* quant.share_codebooks = model */
+    int share;           /* quant.share_codebooks: LV_SHARE_NONE, _MODEL or _TYPE */
     int fp16;            /* quant.fp16: codebooks and scales rounded to fp16 values */
     int rank_logs;       /* --rank-logs */
     int n_ranks;         /* ranks of this run */
@@ -98,7 +98,7 @@ double pipe_rel_mse(const float *a, const float *ref, size_t n);
 /* PATH of block `layer`'s checkpoint in q->ckpt_dir. */
 void pipe_block_path(const qjob *q, int layer, char *path, size_t cap);
 
-/* Shared-codebook quantization of every block (quant.share_codebooks = model):
+/* Shared-codebook quantization of every block (quant.share_codebooks = model or type):
  * FP calibration of all blocks, AQLM with one codebook tensor for all linears
  * (beam searches split over the ranks' shards), joint fine-tuning, then each
  * rank checkpoints the blocks of its shard. Collective. */

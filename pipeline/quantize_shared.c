@@ -1,7 +1,8 @@
-/* quantize_shared.c: `llmvq quantize` with quant.share_codebooks = model: ONE
- * codebook tensor for every linear of the model (docs/pipeline.md "Shared
- * codebooks"). On small models per-linear codebooks cost more bits than the
- * codes; one shared tensor costs a fraction of a bit.
+/* quantize_shared.c: `llmvq quantize` with quant.share_codebooks = model (ONE
+ * codebook tensor for every linear of the model) or type (one tensor per
+ * linear type, shared by the blocks) (docs/pipeline.md "Shared codebooks").
+ * On small models per-linear codebooks cost more bits than the codes; shared
+ * tensors cost a fraction of a bit.
  *
  *  1. every rank: FP calibration through all blocks, keeping each block's
  *     inputs (n_layers + 1 activation sets, in RAM or spilled to
@@ -124,7 +125,7 @@ static int sh_resume_aqlm(const qjob *q, const char *path, lv_qmodel *qm)
     lv_qmodel *r = NULL;
     if (access(path, F_OK) != 0) return 0;
     int ok = io_qmodel_read(&r, path) == LV_OK && r->job_hash == q->job_hash &&
-             r->model_hash == q->model_hash && r->shared_codebooks &&
+             r->model_hash == q->model_hash && r->shared_codebooks == q->share &&
              !memcmp(&r->cfg, &qm->cfg, sizeof r->cfg);
     if (ok) {
         for (int l = 0; l < qm->cfg.n_layers; l++) {
@@ -140,47 +141,92 @@ static int sh_resume_aqlm(const qjob *q, const char *path, lv_qmodel *qm)
     return ok;
 }
 
-/* Step 2: shared AQLM into qm (codes, scales, the codebook copies, rel_err). */
+/* The final relative error of a shared AQLM run. */
+static double sh_final_rel(const stage_aqlm_stats *sx)
+{
+    if (sx->iters <= 0) return sx->rel_err_init;
+    int i = sx->iters < STAGE_AQLM_MAX_HIST ? sx->iters : STAGE_AQLM_MAX_HIST;
+    return sx->rel_err[i - 1];
+}
+
+/* Step 2: shared AQLM into qm (codes, scales, the codebook copies, rel_err):
+ * one run over all linears (LV_SHARE_MODEL) or one per linear type over the
+ * blocks (LV_SHARE_TYPE, slot k seeded seed * 1000003 + k). */
 static lv_status sh_aqlm(qjob *q, const sh_data *s, sh_dist *d, lv_qmodel *qm)
 {
     lv_status st = LV_OK;
     lv_aq_layer *out = NULL;
-    stage_aqlm_stats sx = {0};
-    stage_aqlm_config acfg = q->acfg;
+    const float **Ws = NULL, **Hs = NULL;
+    int64_t *dos = NULL, *dis = NULL;
+    int *idx = NULL;
     const stage_dist dist = {.user = d, .owns = sh_owns, .share = sh_share};
-    acfg.seed = (uint64_t)q->seed * 1000003ULL;
+    const int L = qm->cfg.n_layers, slots = lv_share_slots(q->share);
+    const int per_slot = q->share == LV_SHARE_TYPE ? L : s->n_lin;
+    double rel0 = 0.0, rel1 = 0.0, wall = 0.0;
+    int it_min = 1 << 30, it_max = 0;
     LV_ALLOC(out, (size_t)s->n_lin);
-    d->per_item = LV_LIN_COUNT;
-    LV_TRY(stage_aqlm_run_shared_dist(s->n_lin, s->W, (const float *const *)s->H, s->d_out,
-                                      s->d_in, NULL, &acfg, &dist, out, &sx));
-    for (int i = 0; i < s->n_lin; i++) {
-        lv_qblock *b = &qm->blocks[i / LV_LIN_COUNT];
-        lv_aq_layer *dst = &b->lin[i % LV_LIN_COUNT];
-        lv_aq_layer_free(dst);
-        *dst = out[i];
-        memset(&out[i], 0, sizeof out[i]);
-        double rel = 0.0;
-        float *What = NULL;
-        LV_ALLOC(What, (size_t)(s->d_out[i] * s->d_in[i]));
-        st = stage_aqlm_dequant(dst, What);
-        if (st == LV_OK)
-            st = stage_aqlm_layer_error(s->W[i], What, s->H[i], s->d_out[i], s->d_in[i], &rel);
-        free(What);
-        LV_TRY(st);
-        b->rel_err[i % LV_LIN_COUNT] = rel;
+    LV_ALLOC(Ws, (size_t)per_slot);
+    LV_ALLOC(Hs, (size_t)per_slot);
+    LV_ALLOC(dos, (size_t)per_slot);
+    LV_ALLOC(dis, (size_t)per_slot);
+    LV_ALLOC(idx, (size_t)s->n_lin);
+    for (int slot = 0; slot < slots; slot++) {
+        stage_aqlm_stats sx = {0};
+        stage_aqlm_config acfg = q->acfg;
+        acfg.seed = (uint64_t)q->seed * 1000003ULL + (q->share == LV_SHARE_TYPE ? (uint64_t)slot : 0);
+        int n = 0;
+        for (int i = 0; i < s->n_lin; i++)
+            if (q->share != LV_SHARE_TYPE || i % LV_LIN_COUNT == slot) {
+                idx[n] = i;
+                Ws[n] = s->W[i];
+                Hs[n] = s->H[i];
+                dos[n] = s->d_out[i];
+                dis[n] = s->d_in[i];
+                n++;
+            }
+        d->per_item = q->share == LV_SHARE_TYPE ? 1 : LV_LIN_COUNT; /* item -> block */
+        LV_TRY(stage_aqlm_run_shared_dist(n, Ws, Hs, dos, dis, NULL, &acfg, &dist, out, &sx));
+        for (int j = 0; j < n; j++) {
+            const int i = idx[j];
+            lv_qblock *b = &qm->blocks[i / LV_LIN_COUNT];
+            lv_aq_layer *dst = &b->lin[i % LV_LIN_COUNT];
+            lv_aq_layer_free(dst);
+            *dst = out[j];
+            memset(&out[j], 0, sizeof out[j]);
+            double rel = 0.0;
+            float *What = NULL;
+            LV_ALLOC(What, (size_t)(s->d_out[i] * s->d_in[i]));
+            st = stage_aqlm_dequant(dst, What);
+            if (st == LV_OK)
+                st = stage_aqlm_layer_error(s->W[i], What, s->H[i], s->d_out[i], s->d_in[i], &rel);
+            free(What);
+            LV_TRY(st);
+            b->rel_err[i % LV_LIN_COUNT] = rel;
+        }
+        rel0 += sx.rel_err_init * n / s->n_lin;
+        rel1 += sh_final_rel(&sx) * n / s->n_lin;
+        wall += sx.wall_s;
+        it_min = sx.iters < it_min ? sx.iters : it_min;
+        it_max = sx.iters > it_max ? sx.iters : it_max;
+        q->prof[PIPE_PROF_AQLM_INIT] += sx.init_s;
+        q->prof[PIPE_PROF_BEAM] += sx.beam_s;
+        q->prof[PIPE_PROF_UPDATE] += sx.update_s;
     }
-    q->prof[PIPE_PROF_AQLM_INIT] += sx.init_s;
-    q->prof[PIPE_PROF_BEAM] += sx.beam_s;
-    q->prof[PIPE_PROF_UPDATE] += sx.update_s;
-    lv_log("shared AQLM: %d linears, mean layer rel err %.4f -> %.4f (%d alternations, %.1f s)",
-           s->n_lin, sx.rel_err_init,
-           sx.iters > 0 ? sx.rel_err[(sx.iters < STAGE_AQLM_MAX_HIST ? sx.iters
-                                                                     : STAGE_AQLM_MAX_HIST) - 1]
-                        : sx.rel_err_init,
-           sx.iters, sx.wall_s);
+    if (slots == 1)
+        lv_log("shared AQLM: %d linears, mean layer rel err %.4f -> %.4f (%d alternations, %.1f s)",
+               s->n_lin, rel0, rel1, it_max, wall);
+    else
+        lv_log("shared AQLM: %d codebooks (one per linear type) over %d linears, mean layer rel "
+               "err %.4f -> %.4f (%d-%d alternations, %.1f s)", slots, s->n_lin, rel0, rel1,
+               it_min, it_max, wall);
 done:
     for (int i = 0; out && i < s->n_lin; i++) lv_aq_layer_free(&out[i]);
     free(out);
+    free(Ws);
+    free(Hs);
+    free(dos);
+    free(dis);
+    free(idx);
     return st;
 }
 
@@ -241,7 +287,7 @@ lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, pipe_progress *prog, dou
     LV_TRY(lv_qmodel_init(&qm, q->fp, q->acfg.n_codebooks, q->acfg.nbits, q->acfg.group_size));
     qm->job_hash = q->job_hash;
     qm->model_hash = q->model_hash;
-    qm->shared_codebooks = 1;
+    qm->shared_codebooks = q->share;
     snprintf(path, sizeof path, "%s/shared_aqlm.h5", q->ckpt_dir);
     int any_lacks = 0;
     LV_TRY(comm_agree_flag(comm, !sh_resume_aqlm(q, path, qm), &any_lacks));
@@ -261,6 +307,7 @@ lv_status pipe_quantize_shared(qjob *q, comm_ctx *comm, pipe_progress *prog, dou
         const stage_dist dist = {.user = &d, .owns = sh_owns, .share = sh_share};
         d.per_item = 1;
         ft.seed = (uint64_t)q->seed * 1000003ULL;
+        ft.share = q->share;
         t = lv_now();
         LV_TRY(stage_finetune_shared(c, qm->blocks, L, (const float *const *)s.x,
                                      (const float *const *)(s.x + 1), q->n_seq, q->T, &ft,

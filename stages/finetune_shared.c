@@ -28,14 +28,15 @@ typedef struct {
     const stage_dist *dist;
     stage_ft_config ft;
     int T, bmax, n_own_segs;
+    int share, slots;  /* LV_SHARE_MODEL (1 slot) or LV_SHARE_TYPE (7: slot k is linear k) */
     int64_t row, n_train, np, N, own_len; /* own_len: floats of the FS_OWN_SEGS segments */
     stage_ft_ws *ws;
     float *grad;       /* (np) gradient of one block */
     float *gown;       /* (own_len) its scale/norm part, compacted */
-    float *gC;         /* (nb, N) codebook gradient of each block, weighted */
-    float *gsum;       /* (N) */
+    float *gC;         /* (nb, slots, N) codebook gradient of each block, weighted */
+    float *gsum;       /* (slots, N) */
     double *wrel;      /* (nb) 1 / mean(y_fp[l]^2) over the training sequences */
-    float *C, *mC, *vC; /* (N) shared codebooks and their Adam moments */
+    float *C, *mC, *vC; /* (slots, N) shared codebooks and their Adam moments */
     float *m, *v;      /* (nb, own_len) per-block Adam moments */
     float *best;       /* (nb, np) snapshot of every block's parameters */
     float *xb, *yb;    /* (bmax, T, dim) */
@@ -74,7 +75,8 @@ static void fs_broadcast(fs_run *r)
 {
     for (int l = 0; l < r->nb; l++)
         for (int k = 0; k < LV_LIN_COUNT; k++)
-            memcpy(r->blocks[l].lin[k].codebooks, r->C, sizeof(float) * (size_t)r->N);
+            memcpy(r->blocks[l].lin[k].codebooks, r->C + lv_share_slot(r->share, k) * r->N,
+                   sizeof(float) * (size_t)r->N);
 }
 
 static void fs_snapshot(fs_run *r, int to_best)
@@ -92,7 +94,8 @@ static void fs_snapshot(fs_run *r, int to_best)
             flat += len[s];
         }
     }
-    if (!to_best) memcpy(r->C, r->blocks[0].lin[0].codebooks, sizeof(float) * (size_t)r->N);
+    for (int s = 0; s < r->slots && !to_best; s++) /* slot s: linear s of block 0 owns it */
+        memcpy(r->C + s * r->N, r->blocks[0].lin[s].codebooks, sizeof(float) * (size_t)r->N);
 }
 
 /* Mean over blocks of the held-out relative MSE. */
@@ -121,7 +124,8 @@ static lv_status fs_step(fs_run *r, int64_t s0, int B, int64_t t, double *loss_o
     double loss_sum = 0.0;
     for (int l = 0; l < r->nb; l++) {
         double loss = 0.0;
-        float *gC = r->gC + (int64_t)l * r->N;
+        const int64_t NC = r->slots * r->N;
+        float *gC = r->gC + (int64_t)l * NC;
         if (fs_owns(r, l)) {
             for (int j = 0; j < B; j++) {
                 const int64_t src = r->perm[s0 + j] * r->row;
@@ -134,10 +138,12 @@ static lv_status fs_step(fs_run *r, int64_t s0, int B, int64_t t, double *loss_o
             /* codebook gradient of the block: its 7 copies summed in linear order */
             int64_t off = 0, len[STAGE_FT_N_SEGS];
             stage_ft_param_segments(r->cfg, &r->blocks[l], NULL, len);
-            memset(gC, 0, sizeof(float) * (size_t)r->N);
+            memset(gC, 0, sizeof(float) * (size_t)NC);
             for (int s = 0; s < STAGE_FT_N_SEGS; off += len[s], s++)
-                if (s < 2 * LV_LIN_COUNT && s % 2 == 0)
-                    for (int64_t i = 0; i < r->N; i++) gC[i] += (float)r->wrel[l] * r->grad[off + i];
+                if (s < 2 * LV_LIN_COUNT && s % 2 == 0) {
+                    float *gs = gC + lv_share_slot(r->share, s / 2) * r->N;
+                    for (int64_t i = 0; i < r->N; i++) gs[i] += (float)r->wrel[l] * r->grad[off + i];
+                }
             /* its own scales and norms: their step now (gradients are all taken at
              * the same parameters; the other blocks do not see these) */
             float *seg[FS_OWN_SEGS];
@@ -148,19 +154,20 @@ static lv_status fs_step(fs_run *r, int64_t s0, int B, int64_t t, double *loss_o
             stage_ft_adam_step(seg, olen, r->n_own_segs, r->gown, r->m + (int64_t)l * r->own_len,
                                r->v + (int64_t)l * r->own_len, t, &r->ft);
         }
-        LV_TRY(fs_share(r, l, gC, sizeof(float) * (size_t)r->N));
+        LV_TRY(fs_share(r, l, gC, sizeof(float) * (size_t)NC));
         LV_TRY(fs_share(r, l, &loss, sizeof loss));
         loss_sum += loss;
     }
     *loss_out = loss_sum / r->nb;
     if (!isfinite(loss_sum)) goto done; /* every rank sees the same sum: all stop */
-    memset(r->gsum, 0, sizeof(float) * (size_t)r->N);
+    const int64_t NC = r->slots * r->N;
+    memset(r->gsum, 0, sizeof(float) * (size_t)NC);
     for (int l = 0; l < r->nb; l++) {
-        const float *gC = r->gC + (int64_t)l * r->N;
-        for (int64_t i = 0; i < r->N; i++) r->gsum[i] += gC[i];
+        const float *gC = r->gC + (int64_t)l * NC;
+        for (int64_t i = 0; i < NC; i++) r->gsum[i] += gC[i];
     }
     float *cseg[1] = {r->C};
-    int64_t clen[1] = {r->N};
+    int64_t clen[1] = {NC};
     stage_ft_adam_step(cseg, clen, 1, r->gsum, r->mC, r->vC, t, &r->ft);
     fs_broadcast(r);
 done:
@@ -175,7 +182,7 @@ static void fs_free(fs_run *r)
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
 }
 
-static lv_status fs_check_blocks(const lv_qblock *blocks, int nb)
+static lv_status fs_check_blocks(const lv_qblock *blocks, int nb, int share)
 {
     lv_status st = LV_OK;
     const lv_aq_layer *L0 = &blocks[0].lin[0];
@@ -183,10 +190,12 @@ static lv_status fs_check_blocks(const lv_qblock *blocks, int nb)
     for (int l = 0; l < nb; l++)
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *L = &blocks[l].lin[k];
+            const int own = lv_share_slot(share, k);
             if (L->M != L0->M || L->nbits != L0->nbits || L->g != L0->g ||
-                memcmp(L->codebooks, L0->codebooks, bytes) != 0)
+                memcmp(L->codebooks, blocks[0].lin[own].codebooks, bytes) != 0)
                 LV_FAIL(LV_ERR_INVALID_ARG, "shared fine-tuning: block %d %s does not hold the "
-                        "shared codebooks of block 0 wq", l, lv_lin_name((lv_lin)k));
+                        "shared codebooks of block 0 %s", l, lv_lin_name((lv_lin)k),
+                        lv_lin_name((lv_lin)own));
         }
 done:
     return st;
@@ -211,7 +220,9 @@ lv_status stage_finetune_shared(const lv_model_config *cfg, lv_qblock *blocks, i
     for (int l = 0; l < n_blocks; l++)
         if (fs_owns(&r, l) && (!x_in[l] || !y_fp[l]))
             LV_FAIL(LV_ERR_INVALID_ARG, "shared fine-tuning: no inputs/outputs for block %d", l);
-    LV_TRY(fs_check_blocks(blocks, n_blocks));
+    r.share = r.ft.share == LV_SHARE_TYPE ? LV_SHARE_TYPE : LV_SHARE_MODEL;
+    r.slots = lv_share_slots(r.share);
+    LV_TRY(fs_check_blocks(blocks, n_blocks, r.share));
 
     /* hold-out as stage_finetune_block */
     if (n_seq >= 2) {
@@ -231,19 +242,21 @@ lv_status stage_finetune_shared(const lv_model_config *cfg, lv_qblock *blocks, i
     r.own_len = r.np - LV_LIN_COUNT * r.N;
     LV_ALLOC(r.grad, r.np);
     LV_ALLOC(r.gown, r.own_len);
-    LV_ALLOC(r.gC, (size_t)n_blocks * (size_t)r.N);
-    LV_ALLOC(r.gsum, r.N);
+    const int64_t NC = r.slots * r.N;
+    LV_ALLOC(r.gC, (size_t)n_blocks * (size_t)NC);
+    LV_ALLOC(r.gsum, NC);
     LV_ALLOC(r.wrel, n_blocks);
-    LV_ALLOC(r.C, r.N);
-    LV_ALLOC(r.mC, r.N);
-    LV_ALLOC(r.vC, r.N);
+    LV_ALLOC(r.C, NC);
+    LV_ALLOC(r.mC, NC);
+    LV_ALLOC(r.vC, NC);
     LV_ALLOC(r.m, (size_t)n_blocks * (size_t)r.own_len);
     LV_ALLOC(r.v, (size_t)n_blocks * (size_t)r.own_len);
     LV_ALLOC(r.best, (size_t)n_blocks * (size_t)r.np);
     LV_ALLOC(r.xb, (size_t)r.bmax * (size_t)r.row);
     LV_ALLOC(r.yb, (size_t)r.bmax * (size_t)r.row);
     LV_ALLOC(r.perm, r.n_train);
-    memcpy(r.C, blocks[0].lin[0].codebooks, sizeof(float) * (size_t)r.N);
+    for (int s = 0; s < r.slots; s++)
+        memcpy(r.C + s * r.N, blocks[0].lin[s].codebooks, sizeof(float) * (size_t)r.N);
     for (int l = 0; l < n_blocks; l++) {
         double ss = 0.0;
         if (fs_owns(&r, l))
@@ -259,7 +272,7 @@ lv_status stage_finetune_shared(const lv_model_config *cfg, lv_qblock *blocks, i
     have_best = 1;
     if (r.ft.verbose)
         lv_log("shared fine-tuning: %d blocks, %lld codebook + %lld per-block params, %lld train / "
-               "%lld held-out seqs, held-out rel MSE %.5g", n_blocks, (long long)r.N,
+               "%lld held-out seqs, held-out rel MSE %.5g", n_blocks, (long long)NC,
                (long long)r.own_len, (long long)sx.n_train, (long long)sx.n_holdout,
                sx.mse_before);
 

@@ -140,11 +140,15 @@ static lv_status pv_check_models(const lv_model *fp, const lv_qmodel *q)
                 if (L->codes[j] >= K)
                     LV_FAIL(LV_ERR_INVALID_ARG, "pv-tune: block %d %s code %u >= 2^%d", l,
                             lv_lin_name((lv_lin)k), L->codes[j], L->nbits);
+            const int own = lv_share_slot(q->shared_codebooks, k);
             if (q->shared_codebooks &&
                 (L->M != L0->M || L->nbits != L0->nbits || L->g != L0->g ||
-                 memcmp(L->codebooks, L0->codebooks, sizeof(float) * (size_t)(L->M * K * L->g))))
-                LV_FAIL(LV_ERR_INVALID_ARG, "pv-tune: shared codebooks, but block %d %s holds a "
-                        "different codebook tensor than block 0 wq", l, lv_lin_name((lv_lin)k));
+                 memcmp(L->codebooks, q->blocks[0].lin[own].codebooks,
+                        sizeof(float) * (size_t)(L->M * K * L->g))))
+                LV_FAIL(LV_ERR_INVALID_ARG, "pv-tune: shared codebooks (%s), but block %d %s holds "
+                        "a different codebook tensor than block 0 %s",
+                        lv_share_name(q->shared_codebooks), l, lv_lin_name((lv_lin)k),
+                        lv_lin_name((lv_lin)own));
         }
     }
 done:
@@ -165,9 +169,9 @@ static int pv_layout(stage_pv *pv, float **seg, int64_t *len, int64_t *src, int 
         if (seg) seg[n] = (ptr), len[n] = (l_), src[n] = (s_), train[n] = (t_); \
         n++;                                                                   \
     } while (0)
-    if (pv->shared) {
-        const lv_aq_layer *L0 = &q->blocks[0].lin[0];
-        PV_SEG(L0->codebooks, (int64_t)L0->M * ((int64_t)1 << L0->nbits) * L0->g, -1, 1);
+    for (int s = 0; s < lv_share_slots(pv->shared); s++) { /* slot s: src -1 - s */
+        const lv_aq_layer *L0 = &q->blocks[0].lin[s];
+        PV_SEG(L0->codebooks, (int64_t)L0->M * ((int64_t)1 << L0->nbits) * L0->g, -1 - s, 1);
     }
     for (int l = 0; l < pv->L; l++) {
         lv_qblock *b = &q->blocks[l];
@@ -257,7 +261,7 @@ lv_status stage_pv_init(stage_pv **out, const lv_model *fp, lv_qmodel *q, int mi
     pv->L = q->cfg.n_layers;
     pv->dim = q->cfg.dim;
     pv->vocab = q->cfg.vocab_size;
-    pv->shared = q->shared_codebooks ? 1 : 0;
+    pv->shared = q->shared_codebooks;
 
     int64_t blen[STAGE_FT_N_SEGS];
     pv->n_blk = stage_ft_param_segments(&q->cfg, &q->blocks[0], NULL, blen);
@@ -554,22 +558,26 @@ static void pv_gather(stage_pv *pv)
             continue;
         }
         memset(g, 0, sizeof(float) * (size_t)pv->len[s]);
+        const int slot = -1 - (int)pv->src[s];
         for (int l = 0; l < pv->L; l++)
             for (int k = 0; k < LV_LIN_COUNT; k++) {
+                if (lv_share_slot(pv->shared, k) != slot) continue;
                 const float *c = pv->gfull + (int64_t)l * pv->n_blk + pv->blk_off[2 * k];
                 for (int64_t i = 0; i < pv->len[s]; i++) g[i] += c[i];
             }
     }
 }
 
-/* Write the shared codebook (blocks[0].lin[0]) into every other copy. */
+/* Write each shared codebook (block 0, linear = its slot) into every other copy. */
 static void pv_broadcast(stage_pv *pv)
 {
     if (!pv->shared) return;
-    const float *C = pv->q->blocks[0].lin[0].codebooks;
     for (int l = 0; l < pv->L; l++)
-        for (int k = 0; k < LV_LIN_COUNT; k++)
-            if (l || k) memcpy(pv->q->blocks[l].lin[k].codebooks, C, sizeof(float) * (size_t)pv->len[0]);
+        for (int k = 0; k < LV_LIN_COUNT; k++) {
+            const float *C = pv->q->blocks[0].lin[lv_share_slot(pv->shared, k)].codebooks;
+            if (!lv_share_owner(pv->shared, l, k))
+                memcpy(pv->q->blocks[l].lin[k].codebooks, C, sizeof(float) * (size_t)pv->len[0]);
+        }
 }
 
 lv_status stage_pv_grad(stage_pv *pv, const int32_t *tokens, int64_t n_seq, double *loss,
@@ -1052,7 +1060,7 @@ void stage_pv_state_dims(const lv_qmodel *q, int64_t n_seq, const stage_pv_confi
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *L = &q->blocks[l].lin[k];
             const int64_t cb = (int64_t)L->M * ((int64_t)1 << L->nbits) * L->g;
-            np += L->d_out + (q->shared_codebooks ? (l == 0 && k == 0 ? cb : 0) : cb);
+            np += L->d_out + (lv_share_owner(q->shared_codebooks, l, k) ? cb : 0);
             nc += L->d_out * L->n_groups * L->M;
         }
         np += 2 * dim;

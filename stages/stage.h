@@ -247,6 +247,8 @@ typedef struct {
     uint64_t seed;       /* order of the training sequences in each epoch */
     int freeze_norms;    /* 1: keep the RMSNorm weights, train codebooks + scales only */
     int verbose;         /* lv_log per epoch */
+    int share;           /* stage_finetune_shared only: LV_SHARE_TYPE (one codebook per
+                            linear type) or LV_SHARE_MODEL [model] */
 } stage_ft_config;
 
 typedef struct {

@@ -112,15 +112,33 @@ static inline int qsame(const lv_qmodel *a, const lv_qmodel *b)
     return 1;
 }
 
-/* Every codebook copy of a shared model equals block 0 wq's. */
+/* Every codebook copy of a shared model equals its slot owner's (block 0 wq
+ * for LV_SHARE_MODEL, block 0's linear of the same type for LV_SHARE_TYPE). */
 static inline int shared_identical(const lv_qmodel *q)
 {
     const lv_aq_layer *L0 = &q->blocks[0].lin[0];
     const size_t nb = sizeof(float) * (size_t)(L0->M * ((int64_t)1 << L0->nbits) * L0->g);
     for (int l = 0; l < q->cfg.n_layers; l++)
         for (int k = 0; k < LV_LIN_COUNT; k++)
-            if (memcmp(q->blocks[l].lin[k].codebooks, L0->codebooks, nb)) return 0;
+            if (memcmp(q->blocks[l].lin[k].codebooks,
+                       q->blocks[0].lin[lv_share_slot(q->shared_codebooks, k)].codebooks, nb))
+                return 0;
     return 1;
+}
+
+/* A type-shared model (LV_SHARE_TYPE) from a model-shared one: linear k's
+ * codebook, in every block, is the shared one times (1 + 0.03 k), so the 7
+ * tensors differ while the codes stay valid. */
+static inline lv_qmodel *type_shared_copy(const lv_model *fp, const lv_qmodel *q)
+{
+    lv_qmodel *d = qcopy(fp, q);
+    const lv_aq_layer *L0 = &d->blocks[0].lin[0];
+    const int64_t n = L0->M * ((int64_t)1 << L0->nbits) * L0->g;
+    for (int l = 0; l < d->cfg.n_layers; l++)
+        for (int k = 0; k < LV_LIN_COUNT; k++)
+            for (int64_t i = 0; i < n; i++) d->blocks[l].lin[k].codebooks[i] *= 1.0f + 0.03f * k;
+    d->shared_codebooks = LV_SHARE_TYPE;
+    return d;
 }
 
 #endif

@@ -4,7 +4,8 @@
  * error, never returns worse, is bit-identical per seed and refuses blocks
  * that do not share; the model file stores the tensor once, reads it back
  * exactly, counts it once in bits per weight and refuses to store copies that
- * differ. */
+ * differ. The same for one tensor per linear type (quant.share_codebooks =
+ * type: 7 tensors, each shared by the blocks). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -26,6 +27,7 @@
 typedef struct {
     lv_model *fp;
     lv_qmodel *qm;
+    lv_qmodel *qt; /* one codebook per linear type: shared AQLM over the 3 blocks' linear k */
     float *x[4]; /* block inputs; x[l + 1] = FP output of block l */
 } fixture;
 
@@ -81,9 +83,29 @@ static int setup(void **state)
         lv_aq_layer *dst = &f->qm->blocks[i / LV_LIN_COUNT].lin[i % LV_LIN_COUNT];
         lv_aq_layer_free(dst);
         *dst = out[i];
-        free(H[i]);
     }
-    f->qm->shared_codebooks = 1;
+    f->qm->shared_codebooks = LV_SHARE_MODEL;
+    assert_int_equal(lv_qmodel_init(&f->qt, f->fp, 1, 5, 4), LV_OK);
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        const float *Wk[3], *Hk[3];
+        int64_t ok[3], ik[3];
+        lv_aq_layer ot[3];
+        memset(ot, 0, sizeof ot);
+        for (int l = 0; l < c->n_layers; l++) {
+            const int i = l * LV_LIN_COUNT + k;
+            Wk[l] = W[i], Hk[l] = H[i], ok[l] = d_out[i], ik[l] = d_in[i];
+        }
+        stage_aqlm_config tc = acfg;
+        tc.seed = 10 + (uint64_t)k;
+        assert_int_equal(stage_aqlm_run_shared(c->n_layers, Wk, Hk, ok, ik, &tc, ot, NULL), LV_OK);
+        for (int l = 0; l < c->n_layers; l++) {
+            lv_aq_layer *dst = &f->qt->blocks[l].lin[k];
+            lv_aq_layer_free(dst);
+            *dst = ot[l];
+        }
+    }
+    f->qt->shared_codebooks = LV_SHARE_TYPE;
+    for (int i = 0; i < n_lin; i++) free(H[i]);
     kern_fwd_ws_free(ws);
     stage_block_hessians_free(&h);
     *state = f;
@@ -95,6 +117,7 @@ static int teardown(void **state)
     fixture *f = *state;
     for (int l = 0; l < 4; l++) free(f->x[l]);
     lv_qmodel_free(f->qm);
+    lv_qmodel_free(f->qt);
     io_model_free(f->fp);
     free(f);
     return 0;
@@ -107,20 +130,21 @@ static size_t cb_bytes(const lv_aq_layer *L)
 
 static void expect_copies_identical(const lv_qmodel *q)
 {
-    const lv_aq_layer *L0 = &q->blocks[0].lin[0];
     for (int l = 0; l < q->cfg.n_layers; l++)
-        for (int k = 0; k < LV_LIN_COUNT; k++)
-            assert_memory_equal(q->blocks[l].lin[k].codebooks, L0->codebooks, cb_bytes(L0));
+        for (int k = 0; k < LV_LIN_COUNT; k++) {
+            const lv_aq_layer *O = &q->blocks[0].lin[lv_share_slot(q->shared_codebooks, k)];
+            assert_memory_equal(q->blocks[l].lin[k].codebooks, O->codebooks, cb_bytes(O));
+        }
 }
 
-/* A deep copy of qm's blocks (codes, codebooks, scales, norms). */
-static lv_qmodel *clone(const fixture *f)
+/* A deep copy of src's blocks (codes, codebooks, scales, norms). */
+static lv_qmodel *clone_of(const fixture *f, const lv_qmodel *src)
 {
     lv_qmodel *q = NULL;
     assert_int_equal(lv_qmodel_init(&q, f->fp, 1, 5, 4), LV_OK);
-    q->shared_codebooks = 1;
+    q->shared_codebooks = src->shared_codebooks;
     for (int l = 0; l < CFG.n_layers; l++) {
-        const lv_qblock *s = &f->qm->blocks[l];
+        const lv_qblock *s = &src->blocks[l];
         lv_qblock *d = &q->blocks[l];
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *a = &s->lin[k];
@@ -135,10 +159,12 @@ static lv_qmodel *clone(const fixture *f)
     return q;
 }
 
+static lv_qmodel *clone(const fixture *f) { return clone_of(f, f->qm); }
+
 static stage_ft_stats run_ft(fixture *f, lv_qmodel *q)
 {
     stage_ft_config ft = {.lr = 1e-3f, .max_epochs = 6, .batch_seqs = 4, .patience = 3,
-                          .holdout_frac = 0.25, .seed = 5};
+                          .holdout_frac = 0.25, .seed = 5, .share = q->shared_codebooks};
     stage_ft_stats fs;
     assert_int_equal(stage_finetune_shared(&CFG, q->blocks, CFG.n_layers,
                                            (const float *const *)f->x,
@@ -210,7 +236,7 @@ static void test_file_stores_once(void **state)
     lv_qmodel *back = NULL;
     assert_int_equal(io_qmodel_write(f->qm, path), LV_OK);
     assert_int_equal(io_qmodel_read(&back, path), LV_OK);
-    assert_int_equal(back->shared_codebooks, 1);
+    assert_int_equal(back->shared_codebooks, LV_SHARE_MODEL);
     for (int l = 0; l < CFG.n_layers; l++)
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *a = &f->qm->blocks[l].lin[k], *b = &back->blocks[l].lin[k];
@@ -246,9 +272,88 @@ static void test_file_stores_once(void **state)
     unlink(path);
 }
 
+/* quant.share_codebooks = type: fine-tuning keeps each type's copies
+ * identical, moves every type's tensor, lowers the error, and is bit-identical
+ * per seed; model-mode fine-tuning refuses the 7 differing tensors. */
+static void test_type_finetune(void **state)
+{
+    fixture *f = *state;
+    lv_qmodel *a = clone_of(f, f->qt), *b = clone_of(f, f->qt);
+    stage_ft_stats fs = run_ft(f, a);
+    run_ft(f, b);
+    printf("  per type: held-out rel MSE (mean over blocks) %.5f -> %.5f, %d epochs, best %d\n",
+           fs.mse_before, fs.mse_after, fs.epochs, fs.best_epoch);
+    assert_true(fs.mse_after < 0.98 * fs.mse_before);
+    expect_copies_identical(a);
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        const lv_aq_layer *x = &a->blocks[0].lin[k];
+        assert_memory_not_equal(x->codebooks, f->qt->blocks[0].lin[k].codebooks, cb_bytes(x));
+        if (k) assert_memory_not_equal(x->codebooks, a->blocks[0].lin[0].codebooks, cb_bytes(x));
+    }
+    for (int l = 0; l < CFG.n_layers; l++)
+        for (int k = 0; k < LV_LIN_COUNT; k++) {
+            const lv_aq_layer *x = &a->blocks[l].lin[k], *y = &b->blocks[l].lin[k];
+            assert_memory_equal(x->codebooks, y->codebooks, cb_bytes(x));
+            assert_memory_equal(x->scales, y->scales, sizeof(float) * (size_t)x->d_out);
+        }
+    lv_qmodel_free(b);
+    stage_ft_config one = {.max_epochs = 1}; /* share 0 = model */
+    assert_int_equal(stage_finetune_shared(&CFG, a->blocks, CFG.n_layers,
+                                           (const float *const *)f->x,
+                                           (const float *const *)(f->x + 1), N_SEQ, T, &one, NULL,
+                                           NULL), LV_ERR_INVALID_ARG);
+    char line[512];
+    lv_last_error_line(line, sizeof line);
+    printf("  %s\n", line);
+    assert_non_null(strstr(line, "block 0 wk"));
+    lv_qmodel_free(a);
+}
+
+/* The file stores the 7 tensors once (root "codebooks" (7, M, 2^B, g)),
+ * reads them back exactly, counts each once, refuses differing copies. */
+static void test_type_file(void **state)
+{
+    fixture *f = *state;
+    char path[] = "/tmp/llmvq-shared-type-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    lv_qmodel *back = NULL;
+    assert_int_equal(io_qmodel_write(f->qt, path), LV_OK);
+    assert_int_equal(io_qmodel_read(&back, path), LV_OK);
+    assert_int_equal(back->shared_codebooks, LV_SHARE_TYPE);
+    double bits = 0, weights = 0;
+    for (int l = 0; l < CFG.n_layers; l++)
+        for (int k = 0; k < LV_LIN_COUNT; k++) {
+            const lv_aq_layer *a = &f->qt->blocks[l].lin[k], *L = &back->blocks[l].lin[k];
+            assert_memory_equal(a->codebooks, L->codebooks, cb_bytes(a));
+            assert_memory_equal(a->codes, L->codes,
+                                sizeof(uint16_t) * (size_t)(a->d_out * a->n_groups * a->M));
+            assert_memory_equal(a->scales, L->scales, sizeof(float) * (size_t)a->d_out);
+            bits += (double)L->d_out * L->n_groups * L->M * L->nbits + 16.0 * L->d_out;
+            weights += (double)L->d_out * L->d_in;
+        }
+    bits += LV_LIN_COUNT * 16.0 * 32 * 4; /* 7 codebooks of 2^5 entries of 4 */
+    printf("  per type: bits per weight %.4f (expected %.4f)\n", lv_qmodel_bits_per_weight(back),
+           bits / weights);
+    assert_true(fabs(lv_qmodel_bits_per_weight(back) - bits / weights) < 1e-12);
+    lv_qmodel_free(back);
+    const float saved = f->qt->blocks[2].lin[LV_LIN_W3].codebooks[1];
+    f->qt->blocks[2].lin[LV_LIN_W3].codebooks[1] += 1.0f;
+    assert_int_equal(io_qmodel_write(f->qt, path), LV_ERR_INVALID_ARG);
+    char line[512];
+    lv_last_error_line(line, sizeof line);
+    printf("  %s\n", line);
+    assert_non_null(strstr(line, "block 2 w3"));
+    f->qt->blocks[2].lin[LV_LIN_W3].codebooks[1] = saved;
+    unlink(path);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_type_finetune),
+        cmocka_unit_test(test_type_file),
         cmocka_unit_test(test_finetune_lowers_error_keeps_sharing),
         cmocka_unit_test(test_finetune_deterministic),
         cmocka_unit_test(test_finetune_refuses_unshared),

@@ -42,6 +42,7 @@ typedef struct {
     lv_model *fp;
     lv_qmodel *qa; /* per-linear codebooks, 2x4g4 */
     lv_qmodel *qs; /* one 1x6g4 codebook shared by all linears */
+    lv_qmodel *qt; /* qs with one codebook per linear type (type_shared_copy) */
     int32_t *toks;
     int64_t n_tok;
 } fixture;
@@ -78,6 +79,7 @@ static int setup(void **state)
     const double t0 = lv_now();
     quantize(F.fp, &F.qa, 2, 4, 4, 0);
     quantize(F.fp, &F.qs, 1, 6, 4, 1);
+    F.qt = type_shared_copy(F.fp, F.qs);
     printf("  setup: stories260K quantized (2x4g4 per linear, 1x6g4 shared) in %.2f s\n",
            lv_now() - t0);
     return 0;
@@ -88,6 +90,7 @@ static int teardown(void **state)
     (void)state;
     lv_qmodel_free(F.qa);
     lv_qmodel_free(F.qs);
+    lv_qmodel_free(F.qt);
     io_model_free(F.fp);
     free(F.toks);
     return 0;
@@ -286,8 +289,9 @@ static int seg_class(const lv_qmodel *q, int s, int n_seg)
 {
     if (s == n_seg - 1) return C_FINAL;
     if (q->shared_codebooks) {
-        if (s == 0) return C_CB;
-        const int j = (s - 1) % (LV_LIN_COUNT + 2);
+        const int slots = lv_share_slots(q->shared_codebooks);
+        if (s < slots) return C_CB;
+        const int j = (s - slots) % (LV_LIN_COUNT + 2);
         return j < LV_LIN_COUNT ? C_SCALE : j == LV_LIN_COUNT ? C_ATTN : C_FFN;
     }
     const int j = s % STAGE_FT_N_SEGS;
@@ -298,9 +302,10 @@ static int seg_class(const lv_qmodel *q, int s, int n_seg)
 static void nudge(lv_qmodel *q, float **seg, int s, int64_t i, float value)
 {
     seg[s][i] = value;
-    if (q->shared_codebooks && s == 0)
+    if (q->shared_codebooks && s < lv_share_slots(q->shared_codebooks))
         for (int l = 0; l < q->cfg.n_layers; l++)
-            for (int k = 0; k < LV_LIN_COUNT; k++) q->blocks[l].lin[k].codebooks[i] = value;
+            for (int k = 0; k < LV_LIN_COUNT; k++)
+                if (lv_share_slot(q->shared_codebooks, k) == s) q->blocks[l].lin[k].codebooks[i] = value;
 }
 
 /* Analytic gradient vs central differences of ref_loss on a sample of every
@@ -417,6 +422,13 @@ static void test_grad_shared(void **state)
     grad_check(F.qs, STAGE_PV_LOSS_KL);
 }
 
+/* One codebook per linear type (quant.share_codebooks = type). */
+static void test_grad_shared_type(void **state)
+{
+    (void)state;
+    grad_check(F.qt, STAGE_PV_LOSS_KL);
+}
+
 /* The student forward is the dequantized model's kern_model_forward: the
  * PV loss equals the KL computed from kern_model_forward's logits. */
 static void test_forward_matches(void **state)
@@ -462,8 +474,9 @@ static void test_vstep(void **state)
     (void)state;
     const int B = 4, T = 32;
     const int32_t *tok = F.toks + 2000;
-    for (int sh = 0; sh < 2; sh++) {
-        lv_qmodel *q = qcopy(F.fp, sh ? F.qs : F.qa);
+    for (int sh = 0; sh < 3; sh++) {
+        const lv_qmodel *q0 = sh == 2 ? F.qt : sh ? F.qs : F.qa;
+        lv_qmodel *q = qcopy(F.fp, q0);
         stage_pv *pv = NULL;
         stage_pv_config cfg = {.lr = 1e-3f};
         assert_int_equal(stage_pv_init(&pv, F.fp, q, 2, T, &cfg), LV_OK);
@@ -472,10 +485,10 @@ static void test_vstep(void **state)
         assert_int_equal(stage_pv_grad(pv, tok, B, &after, NULL), LV_OK);
         assert_int_equal(stage_pv_vstep(pv, tok, B, &again), LV_OK);
         printf("  %s: V step KL %.6f -> %.6f (the next step measured %.6f)\n",
-               sh ? "shared" : "per-linear", before, after, again);
+               sh == 2 ? "shared per type" : sh ? "shared" : "per-linear", before, after, again);
         assert_true(after < before);
         assert_memory_equal(&after, &again, sizeof(double)); /* vstep's loss is the loss before */
-        assert_int_equal(groups_changed(q, sh ? F.qs : F.qa), 0);
+        assert_int_equal(groups_changed(q, q0), 0);
         if (sh) assert_true(shared_identical(q));
         stage_pv_free(pv);
         lv_qmodel_free(q);
@@ -787,6 +800,13 @@ static void test_errors(void **state)
     assert_int_equal(stage_pv_init(&pv, F.fp, q, 1, T, NULL), LV_ERR_INVALID_ARG);
     printf("  copies differ: %s\n", lv_last_error());
     q->blocks[3].lin[LV_LIN_W2].codebooks[5] = cb5;
+    /* one tensor per linear type, claimed as ONE tensor for the model */
+    lv_qmodel *qt = qcopy(F.fp, F.qt);
+    qt->shared_codebooks = LV_SHARE_MODEL;
+    assert_int_equal(stage_pv_init(&pv, F.fp, qt, 1, T, NULL), LV_ERR_INVALID_ARG);
+    printf("  per-type tensors claimed as one: %s\n", lv_last_error());
+    assert_non_null(strstr(lv_last_error(), "block 0 wk"));
+    lv_qmodel_free(qt);
     /* a code out of range */
     const uint16_t c0 = q->blocks[1].lin[LV_LIN_WK].codes[7];
     q->blocks[1].lin[LV_LIN_WK].codes[7] = 64;
@@ -814,6 +834,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_forward_matches), cmocka_unit_test(test_grad_kl),
         cmocka_unit_test(test_grad_ce),         cmocka_unit_test(test_grad_shared),
+        cmocka_unit_test(test_grad_shared_type),
         cmocka_unit_test(test_vstep),           cmocka_unit_test(test_pstep),
         cmocka_unit_test(test_tune_deterministic), cmocka_unit_test(test_resume),
         cmocka_unit_test(test_never_worse),
