@@ -71,6 +71,10 @@ static lv_status check_linear(const lv_aq_layer *L, const lv_qmodel *q, const ch
         LV_FAIL(LV_ERR_UNSUPPORTED, "%s: %s is %dx%dg%d but the model is %dx%dg%d; HF AQLM has "
                 "one quantization config for all linears", dir, name, L->M, L->nbits, L->g, q->M,
                 q->nbits, q->g);
+    if (L->n_outl > 0)
+        LV_FAIL(LV_ERR_UNSUPPORTED, "%s: %s has %d outlier columns (quant.outlier_cols), which HF "
+                "AQLM cannot express; quantize with quant.outlier_cols = 0 to export", dir, name,
+                L->n_outl);
     if (L->d_in % L->g != 0)
         LV_FAIL(LV_ERR_UNSUPPORTED, "%s: %s: in_features %lld is not a multiple of the group size "
                 "%d, and HF AQLM cannot express a cut last group; quantize with a group size that "

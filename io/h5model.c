@@ -243,6 +243,12 @@ static lv_status write_linear(hid_t blk, lv_lin k, const lv_aq_layer *L, double 
         LV_TRY(dset_write(g, "codebooks", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 3, bd, L->codebooks,
                           path));
     LV_TRY(dset_write(g, "scales", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 1, &L->d_out, L->scales, path));
+    if (L->n_outl > 0) {
+        int64_t on = L->n_outl, od[2] = {L->d_out, L->n_outl};
+        LV_TRY(dset_write(g, "outlier_idx", H5T_NATIVE_INT32, H5T_STD_I32LE, 1, &on, L->outl_idx,
+                          path));
+        LV_TRY(dset_write(g, "outlier_w", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 2, od, L->outl_w, path));
+    }
     if (r > 0 && lora_A && lora_B) {
         int64_t ad[2] = {r, L->d_in}, bd2[2] = {L->d_out, r};
         LV_TRY(dset_write(g, "lora_A", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 2, ad, lora_A, path));
@@ -277,6 +283,33 @@ done:
  * allocated when the group has neither lora_A nor lora_B; else both must be
  * there, lora_A (r, d_in) and lora_B (d_out, r) with 1 <= r <= min(d_out, d_in),
  * finite. *A, *B malloc'd (the caller owns them, also on failure). */
+/* Optional outlier columns of a linear: both datasets or neither. */
+static lv_status read_outliers(hid_t g, lv_aq_layer *L, const char *path, const char *w)
+{
+    lv_status st = LV_OK;
+    int64_t on = 0, od[2] = {0, 0};
+    char what[160];
+    int has_i = H5Lexists(g, "outlier_idx", H5P_DEFAULT) > 0;
+    int has_w = H5Lexists(g, "outlier_w", H5P_DEFAULT) > 0;
+    if (!has_i && !has_w) goto done;
+    if (!has_i || !has_w)
+        LV_FAIL(LV_ERR_FORMAT, "%s: %s has %s but not %s", path, w,
+                has_i ? "outlier_idx" : "outlier_w", has_i ? "outlier_w" : "outlier_idx");
+    LV_TRY(dset_dims(g, "outlier_idx", 1, &on, path, w));
+    if (on < 1 || on > L->d_in)
+        LV_FAIL(LV_ERR_FORMAT, "%s: %s/outlier_idx has %lld entries, expected 1 .. %lld", path, w,
+                (long long)on, (long long)L->d_in);
+    LV_TRY(lv_aq_outliers_alloc(L, (int)on));
+    od[0] = L->d_out;
+    od[1] = on;
+    LV_TRY(dset_read(g, "outlier_idx", H5T_NATIVE_INT32, H5T_INTEGER, 1, &on, L->outl_idx, path, w));
+    LV_TRY(dset_read(g, "outlier_w", H5T_NATIVE_FLOAT, H5T_FLOAT, 2, od, L->outl_w, path, w));
+    snprintf(what, sizeof what, "%s: %s", path, w);
+    LV_TRY(lv_aq_outliers_check(L, what));
+done:
+    return st;
+}
+
 static lv_status read_lora(hid_t g, const lv_aq_layer *L, int *r, float **A, float **B,
                            const char *path, const char *w)
 {
@@ -360,6 +393,7 @@ static lv_status read_linear(hid_t blk, lv_lin k, const lv_model_config *cfg, lv
     LV_TRY(check_finite(L->codebooks, bd[0] * bd[1] * bd[2], path, what));
     snprintf(what, sizeof what, "%s/scales", w);
     LV_TRY(check_finite(L->scales, L->d_out, path, what));
+    LV_TRY(read_outliers(g, L, path, w));
     LV_TRY(read_lora(g, L, lora_r, lora_A, lora_B, path, w));
 done:
     if (g >= 0) H5Gclose(g);
@@ -902,6 +936,15 @@ uint64_t io_qblock_checksum(const lv_qblock *b)
         h = fnv(h, &b->rel_err[k], sizeof(double));
     }
     h = fnv(h, &b->block_mse, sizeof(double));
+    /* Outlier columns only when present: blocks without them keep their old checksums. */
+    for (int k = 0; k < LV_LIN_COUNT; k++) {
+        const lv_aq_layer *L = &b->lin[k];
+        if (L->n_outl <= 0) continue;
+        const int64_t tag[2] = {1000 + k, L->n_outl};
+        h = fnv(h, tag, sizeof tag);
+        h = fnv(h, L->outl_idx, (size_t)L->n_outl * sizeof(int32_t));
+        h = fnv(h, L->outl_w, (size_t)(L->d_out * L->n_outl) * sizeof(float));
+    }
     /* Adapters only when present: blocks without them keep their old checksums. */
     if (b->lora_rank > 0) {
         const int64_t r = b->lora_rank;
@@ -942,6 +985,7 @@ lv_status io_qmodel_dequant_linear(const lv_aq_layer *L, float *W)
     if (!L->codes || !W) LV_FAIL(LV_ERR_INVALID_ARG, "dequant: empty layer");
     kern_aq_dequant_ref(W, L->codes, L->codebooks, L->scales, L->d_out, L->d_in, L->n_groups,
                         L->M, 1 << L->nbits, L->g);
+    lv_aq_outliers_add_w(L, W);
 done:
     return st;
 }

@@ -50,6 +50,12 @@ static const job_key schema[] = {
      "PV-tuning): model.h5 then holds exactly what bits_per_weight counts and what "
      "`export --format hf-aqlm` stores (a lossless export), and 1x16 codebooks take the fp16 "
      "path of the inference kernels; false keeps them fp32 (what older model.h5 files hold)"},
+    {"quant", "outlier_cols", JOB_INT, "0", 0, 4096, NULL,
+     "outlier columns per linear (VPTQ): after the codes are chosen, this many input columns, "
+     "picked greedily by how much they lower the layer's Hessian-weighted error, get a dense "
+     "16-bit correction (the exact minimiser given the codes), counted in bits per weight "
+     "(16 x out_features + 32 bits per column); fixed during fine-tuning; 0 = none. Not with "
+     "PV-tuning, ApiQ or export --format hf-aqlm"},
     {"quant", "share_codebooks", JOB_ENUM, "none", NOLIM, "none|model|type",
      "none: codebooks per linear; model: ONE codebook tensor for every linear of the model "
      "(stored and counted once; needs propagation = fp; for small models, where per-linear "

@@ -56,7 +56,75 @@ void lv_aq_layer_free(lv_aq_layer *L)
     free(L->codes);
     free(L->codebooks);
     free(L->scales);
+    free(L->outl_idx);
+    free(L->outl_w);
     memset(L, 0, sizeof *L);
+}
+
+lv_status lv_aq_outliers_alloc(lv_aq_layer *L, int n)
+{
+    lv_status st = LV_OK;
+    free(L->outl_idx);
+    free(L->outl_w);
+    L->outl_idx = NULL;
+    L->outl_w = NULL;
+    L->n_outl = 0;
+    if (n < 0 || n > L->d_in)
+        LV_FAIL(LV_ERR_INVALID_ARG, "quantized layer: %d outlier columns of %lld", n,
+                (long long)L->d_in);
+    if (n == 0) goto done;
+    LV_ALLOC(L->outl_idx, (size_t)n);
+    LV_ALLOC(L->outl_w, (size_t)L->d_out * (size_t)n);
+    L->n_outl = n;
+done:
+    return st;
+}
+
+void lv_aq_outliers_add_w(const lv_aq_layer *L, float *W)
+{
+    for (int64_t r = 0; r < L->d_out && L->n_outl > 0; r++)
+        for (int j = 0; j < L->n_outl; j++)
+            W[r * L->d_in + L->outl_idx[j]] += L->outl_w[r * L->n_outl + j];
+}
+
+void lv_aq_outliers_add_y(const lv_aq_layer *L, const float *x, int64_t n, float *y)
+{
+    if (L->n_outl <= 0) return;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < n; t++) {
+        const float *xt = x + t * L->d_in;
+        float *yt = y + t * L->d_out;
+        for (int64_t r = 0; r < L->d_out; r++) {
+            const float *w = L->outl_w + r * L->n_outl;
+            float acc = 0.0f;
+            for (int j = 0; j < L->n_outl; j++) acc += xt[L->outl_idx[j]] * w[j];
+            yt[r] += acc;
+        }
+    }
+}
+
+lv_status lv_aq_outliers_check(const lv_aq_layer *L, const char *what)
+{
+    lv_status st = LV_OK;
+    if (L->n_outl < 0 || L->n_outl > L->d_in || (L->n_outl > 0 && (!L->outl_idx || !L->outl_w)))
+        LV_FAIL(LV_ERR_FORMAT, "%s: %d outlier columns of %lld inputs", what, L->n_outl,
+                (long long)L->d_in);
+    for (int j = 0; j < L->n_outl; j++)
+        if (L->outl_idx[j] < 0 || L->outl_idx[j] >= L->d_in ||
+            (j > 0 && L->outl_idx[j] <= L->outl_idx[j - 1]))
+            LV_FAIL(LV_ERR_FORMAT, "%s: outlier column index %d (entry %d) is out of range "
+                    "[0, %lld) or not strictly ascending", what, L->outl_idx[j], j,
+                    (long long)L->d_in);
+    for (int64_t i = 0; i < L->d_out * L->n_outl; i++)
+        if (!isfinite(L->outl_w[i]))
+            LV_FAIL(LV_ERR_FORMAT, "%s: outlier correction %lld is not finite", what, (long long)i);
+done:
+    return st;
+}
+
+double lv_aq_outliers_bits(const lv_aq_layer *L)
+{
+    return L->n_outl > 0 ? (double)L->n_outl * (16.0 * (double)L->d_out + 32.0) : 0.0;
 }
 
 lv_status lv_qblock_init(lv_qblock *b, const lv_model_config *cfg, int M, int nbits, int g)
@@ -175,7 +243,7 @@ double lv_qmodel_bits_per_weight(const lv_qmodel *q)
             bits += (double)L->d_out * (double)L->n_groups * L->M * L->nbits;
             if (lv_share_owner(q->shared_codebooks, l, k))
                 bits += (double)L->M * (double)(1 << L->nbits) * L->g * 16.0;
-            bits += (double)L->d_out * 16.0;
+            bits += (double)L->d_out * 16.0 + lv_aq_outliers_bits(L);
             weights += (double)L->d_out * (double)L->d_in;
         }
     return weights > 0 ? bits / weights : 0.0;
@@ -217,8 +285,13 @@ lv_status lv_aq_layer_round_f16(lv_aq_layer *L, const char *what)
         if (!isfinite(lv_round_f16(L->scales[i])))
             LV_FAIL(LV_ERR_NUMERIC, "%s: scales[%lld] = %g is not finite in fp16 (|x| <= 65504)",
                     what, (long long)i, (double)L->scales[i]);
+    for (int64_t i = 0; i < L->d_out * L->n_outl; i++)
+        if (!isfinite(lv_round_f16(L->outl_w[i])))
+            LV_FAIL(LV_ERR_NUMERIC, "%s: outlier correction %lld = %g is not finite in fp16", what,
+                    (long long)i, (double)L->outl_w[i]);
     for (int64_t i = 0; i < ncb; i++) L->codebooks[i] = lv_round_f16(L->codebooks[i]);
     for (int64_t i = 0; i < L->d_out; i++) L->scales[i] = lv_round_f16(L->scales[i]);
+    for (int64_t i = 0; i < L->d_out * L->n_outl; i++) L->outl_w[i] = lv_round_f16(L->outl_w[i]);
 done:
     return st;
 }

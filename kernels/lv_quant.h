@@ -14,7 +14,11 @@
  *   What[r, i*g + a] = scales[r] * sum_m codebooks[m, codes[r, i, m], a],
  * for i*g + a < d_in (when g does not divide d_in the last group is cut; the
  * quantizer pads the input dimension with zero Hessian, see docs/quant-numerics.md).
- * Codes of up to 16 bits; codebooks and scales are float32 in memory and on disk. */
+ * Codes of up to 16 bits; codebooks and scales are float32 in memory and on disk.
+ * Optional outlier columns (VPTQ-style, quant.outlier_cols, docs/quant-numerics.md):
+ * n_outl input columns whose weights get a dense correction kept at 16 bits,
+ *   W[r, outl_idx[j]] = What[r, outl_idx[j]] + outl_w[r, j],
+ * fitted after the codes so that the layer objective is minimal given them. */
 typedef struct lv_aq_layer {
     int64_t d_out, d_in; /* true shape of W (out_features, in_features) */
     int64_t n_groups;    /* ceil(d_in / g) */
@@ -24,6 +28,9 @@ typedef struct lv_aq_layer {
     uint16_t *codes;     /* (d_out, n_groups, M), owned */
     float *codebooks;    /* (M, 2^nbits, g), owned */
     float *scales;       /* (d_out), owned */
+    int n_outl;          /* outlier columns, 0 = none (then both pointers are NULL) */
+    int32_t *outl_idx;   /* (n_outl) input columns, strictly ascending, < d_in, owned */
+    float *outl_w;       /* (d_out, n_outl) corrections of those columns, owned */
 } lv_aq_layer;
 
 /* The seven linears of a LLaMA block, in this order everywhere (files too). */
@@ -107,12 +114,25 @@ const char *lv_share_name(int share);
 lv_status lv_aq_layer_init(lv_aq_layer *L, int64_t d_out, int64_t d_in, int M, int nbits, int g);
 void lv_aq_layer_free(lv_aq_layer *L);
 
+/* Replaces L's outlier columns by n zeroed ones (indices 0 until set); n = 0
+ * removes them. */
+lv_status lv_aq_outliers_alloc(lv_aq_layer *L, int n);
+/* W (d_out, d_in) += L's outlier corrections (nothing without outliers). */
+void lv_aq_outliers_add_w(const lv_aq_layer *L, float *W);
+/* y (n, d_out) += x (n, d_in)[:, outl_idx] @ outl_w^T (nothing without outliers). */
+void lv_aq_outliers_add_y(const lv_aq_layer *L, const float *x, int64_t n, float *y);
+/* Outlier columns valid: 0 <= n_outl <= d_in, indices strictly ascending and
+ * < d_in, corrections finite. LV_ERR_FORMAT naming `what` otherwise. */
+lv_status lv_aq_outliers_check(const lv_aq_layer *L, const char *what);
+/* Bits of L's outlier columns: 16 per correction, 32 per index. */
+double lv_aq_outliers_bits(const lv_aq_layer *L);
+
 /* x rounded to the nearest IEEE fp16 value (ties to even; subnormals kept),
  * as a float: what an fp16 store and load give. |x| beyond the fp16 range
  * (65504 + half an ulp) becomes +-Inf, NaN stays NaN. */
 float lv_round_f16(float x);
 
-/* Codebooks and scales of L rounded to fp16 values in place (quant.fp16: the
+/* Codebooks, scales and outlier corrections of L rounded to fp16 values in place (quant.fp16: the
  * stored model is then exactly what the HF AQLM export holds). A value that
  * is not finite in fp16 leaves L unchanged and is LV_ERR_NUMERIC naming
  * `what` and the tensor. */

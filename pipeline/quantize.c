@@ -48,6 +48,7 @@ static lv_status read_job(qjob *q, const job_file *j)
     q->share = !strcmp(share, "model") ? LV_SHARE_MODEL
                : !strcmp(share, "type") ? LV_SHARE_TYPE : LV_SHARE_NONE;
     LV_TRY(job_get_bool(j, "quant.fp16", &q->fp16));
+    LV_TRY(job_get_int(j, "quant.outlier_cols", &q->outlier_cols));
     if (q->share && strcmp(q->prop, "fp") != 0)
         LV_FAIL(LV_ERR_INVALID_ARG, "quant.share_codebooks = %s needs quant.propagation = fp "
                 "(the shared codebooks are fitted to every block's Hessian at once, so all "
@@ -60,6 +61,10 @@ static lv_status read_job(qjob *q, const job_file *j)
         LV_FAIL(LV_ERR_INVALID_ARG, "apiq.rank = %lld needs quant.share_codebooks = none and "
                 "finetune.enable = false (ApiQ fits adapters per linear; block fine-tuning does "
                 "not train through them yet)", (long long)q->apiq_rank);
+    if (q->outlier_cols > 0 && (q->pv_enable || q->apiq_rank > 0))
+        LV_FAIL(LV_ERR_INVALID_ARG, "quant.outlier_cols = %lld needs pvtune.enable = false and "
+                "apiq.rank = 0 (neither trains with outlier columns yet)",
+                (long long)q->outlier_cols);
     if (q->pv_enable && q->apiq_rank > 0)
         LV_FAIL(LV_ERR_INVALID_ARG, "pvtune.enable needs apiq.rank = 0 (PV-tuning does not train "
                 "through ApiQ adapters yet)");
@@ -174,6 +179,22 @@ const char *const pipe_prof_names[PIPE_PROF_N] = {"calibration_s", "aqlm_init_s"
                                                    "quantized_forward_s", "checkpoint_io_s",
                                                    "apiq_s", "pvtune_s"};
 
+lv_status pipe_fit_outliers(qjob *q, const float *W, const float *H, lv_aq_layer *L, double *rel)
+{
+    lv_status st = LV_OK;
+    float *What = NULL;
+    const double t = lv_now();
+    const int n = q->outlier_cols < L->d_in ? (int)q->outlier_cols : (int)L->d_in;
+    LV_TRY(stage_outliers_fit(W, H, L->d_out, L->d_in, L, n, NULL));
+    LV_ALLOC(What, (size_t)(L->d_out * L->d_in));
+    LV_TRY(stage_aqlm_dequant(L, What));
+    LV_TRY(stage_aqlm_layer_error(W, What, H, L->d_out, L->d_in, rel));
+    q->prof[PIPE_PROF_UPDATE] += lv_now() - t;
+done:
+    free(What);
+    return st;
+}
+
 /* Quantize the seven linears of block `layer` from the Hessians in w->h. */
 static lv_status quantize_linears(qjob *q, int layer, qwork *w, lv_qblock *b)
 {
@@ -206,6 +227,9 @@ static lv_status quantize_linears(qjob *q, int layer, qwork *w, lv_qblock *b)
         b->rel_err[k] = stats.iters > 0 ? stats.rel_err[(stats.iters < STAGE_AQLM_MAX_HIST
                                                          ? stats.iters : STAGE_AQLM_MAX_HIST) - 1]
                                         : stats.rel_err_init;
+        if (q->outlier_cols > 0)
+            LV_TRY(pipe_fit_outliers(q, lv_layer_weight(&q->fp->layers[layer], (lv_lin)k), w->H32,
+                                     &b->lin[k], &b->rel_err[k]));
     }
 done:
     return st;
@@ -347,6 +371,7 @@ static lv_status write_summary(const qjob *q, const lv_qmodel *qm, const char *p
     if (!o) LV_FAIL(LV_ERR_NOMEM, "out of memory");
     cJSON_AddStringToObject(o, "model", q->model_path);
     cJSON_AddNumberToObject(o, "bpw_total", lv_qmodel_bits_per_weight(qm));
+    cJSON_AddNumberToObject(o, "outlier_cols", (double)q->outlier_cols);
     cJSON_AddNumberToObject(o, "num_codebooks", qm->M);
     cJSON_AddNumberToObject(o, "nbits", qm->nbits);
     cJSON_AddNumberToObject(o, "group_size", qm->g);
@@ -536,8 +561,8 @@ static lv_status finish(qjob *q, const lv_qmodel *qm, double t_start)
     char path[4200];
     snprintf(path, sizeof path, "%s/model.h5", q->out_dir);
     LV_TRY(io_qmodel_write(qm, path));
-    lv_log("wrote %s (%.3f bits per weight: codes + codebooks + scales)", path,
-           lv_qmodel_bits_per_weight(qm));
+    lv_log("wrote %s (%.3f bits per weight: codes + codebooks + scales%s)", path,
+           lv_qmodel_bits_per_weight(qm), q->outlier_cols > 0 ? " + outlier columns" : "");
     const double te = lv_now();
     if (q->eval_path[0]) {
         LV_TRY(pipe_eval_model(q->fp, q, &q->ppl_fp));

@@ -27,6 +27,7 @@ typedef struct {
     /* job */
     const char *model_path, *tok_path, *calib_path, *out_dir, *eval_path, *prop;
     int share;           /* quant.share_codebooks: LV_SHARE_NONE, _MODEL or _TYPE */
+    int64_t outlier_cols; /* quant.outlier_cols: outlier columns per linear (0 = none) */
     int fp16;            /* quant.fp16: codebooks and scales rounded to fp16 values */
     int rank_logs;       /* --rank-logs */
     int n_ranks;         /* ranks of this run */
@@ -97,6 +98,10 @@ double pipe_rel_mse(const float *a, const float *ref, size_t n);
 
 /* PATH of block `layer`'s checkpoint in q->ckpt_dir. */
 void pipe_block_path(const qjob *q, int layer, char *path, size_t cap);
+
+/* Outlier columns of L (q->outlier_cols, capped at d_in; stage_outliers_fit)
+ * and *rel = its layer error with them. */
+lv_status pipe_fit_outliers(qjob *q, const float *W, const float *H, lv_aq_layer *L, double *rel);
 
 /* Shared-codebook quantization of every block (quant.share_codebooks = model or type):
  * FP calibration of all blocks, AQLM with one codebook tensor for all linears

@@ -193,6 +193,10 @@ static lv_status sh_aqlm(qjob *q, const sh_data *s, sh_dist *d, lv_qmodel *qm)
             lv_aq_layer_free(dst);
             *dst = out[j];
             memset(&out[j], 0, sizeof out[j]);
+            if (q->outlier_cols > 0) {
+                LV_TRY(pipe_fit_outliers(q, s->W[i], s->H[i], dst, &b->rel_err[i % LV_LIN_COUNT]));
+                continue;
+            }
             double rel = 0.0;
             float *What = NULL;
             LV_ALLOC(What, (size_t)(s->d_out[i] * s->d_in[i]));
@@ -211,6 +215,12 @@ static lv_status sh_aqlm(qjob *q, const sh_data *s, sh_dist *d, lv_qmodel *qm)
         q->prof[PIPE_PROF_AQLM_INIT] += sx.init_s;
         q->prof[PIPE_PROF_BEAM] += sx.beam_s;
         q->prof[PIPE_PROF_UPDATE] += sx.update_s;
+    }
+    if (q->outlier_cols > 0) {
+        double m = 0.0;
+        for (int i = 0; i < s->n_lin; i++) m += qm->blocks[i / LV_LIN_COUNT].rel_err[i % LV_LIN_COUNT];
+        lv_log("outlier columns: %lld per linear, mean layer rel err %.4f with them",
+               (long long)q->outlier_cols, m / s->n_lin);
     }
     if (slots == 1)
         lv_log("shared AQLM: %d linears, mean layer rel err %.4f -> %.4f (%d alternations, %.1f s)",

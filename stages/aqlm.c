@@ -35,6 +35,7 @@ lv_status stage_aqlm_dequant(const stage_aqlm_layer *L, float *What)
     if (!L || !L->codes || !What) LV_FAIL(LV_ERR_INVALID_ARG, "aqlm: dequant needs L and What");
     kern_aq_dequant_ref(What, L->codes, L->codebooks, L->scales, L->d_out, L->d_in,
                         L->n_groups, L->M, 1 << L->nbits, L->g);
+    lv_aq_outliers_add_w(L, What);
 done:
     return st;
 }
@@ -45,7 +46,7 @@ double stage_aqlm_bits_per_weight(const stage_aqlm_layer *L)
     double codes = (double)L->d_out * (double)L->n_groups * L->M * L->nbits;
     double books = (double)L->M * (double)((int64_t)1 << L->nbits) * L->g * 16.0;
     double scales = (double)L->d_out * 16.0;
-    return (codes + books + scales) / ((double)L->d_out * (double)L->d_in);
+    return (codes + books + scales + lv_aq_outliers_bits(L)) / ((double)L->d_out * (double)L->d_in);
 }
 
 /* rowdot[r] = sum_j A[r, j] B[r, j] in double; total summed serially. */

@@ -236,7 +236,7 @@ double stage_aqlm_bits_per_weight_shared(int n, const lv_aq_layer *layers)
         const lv_aq_layer *L = &layers[i];
         if (L->M != L0->M || L->nbits != L0->nbits || L->g != L0->g) return 0.0;
         bits += (double)L->d_out * (double)L->n_groups * L->M * L->nbits; /* codes */
-        bits += (double)L->d_out * 16.0;                                  /* scales */
+        bits += (double)L->d_out * 16.0 + lv_aq_outliers_bits(L);         /* scales, outliers */
         weights += (double)L->d_out * (double)L->d_in;
     }
     return weights > 0.0 ? bits / weights : 0.0;

@@ -257,6 +257,7 @@ static void dequant_all(stage_ft_ws *ws, const lv_qblock *b)
         const lv_aq_layer *L = &b->lin[k];
         kern_aq_dequant_ref(ws->W[k], L->codes, L->codebooks, L->scales, L->d_out, L->d_in,
                             L->n_groups, L->M, (int)lin_K(L), L->g);
+        lv_aq_outliers_add_w(L, ws->W[k]); /* fixed corrections: no gradient taken */
     }
 }
 

@@ -123,6 +123,11 @@ static lv_status pv_check_models(const lv_model *fp, const lv_qmodel *q)
                 "blocks or classifier");
     const lv_aq_layer *L0 = &q->blocks[0].lin[0];
     for (int l = 0; l < b->n_layers; l++) {
+        for (int k = 0; k < LV_LIN_COUNT; k++)
+            if (q->blocks[l].lin[k].n_outl > 0)
+                LV_FAIL(LV_ERR_UNSUPPORTED, "pv-tune: block %d %s has %d outlier columns "
+                        "(quant.outlier_cols); PV-tuning does not train them yet", l,
+                        lv_lin_name((lv_lin)k), q->blocks[l].lin[k].n_outl);
         if (q->blocks[l].lora_rank)
             LV_FAIL(LV_ERR_UNSUPPORTED, "pv-tune: block %d has rank-%d LoRA adapters (ApiQ); "
                     "PV-tuning trains What only", l, q->blocks[l].lora_rank);

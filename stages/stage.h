@@ -86,8 +86,19 @@ typedef struct {
  * allocate with lv_aq_layer_init, free with lv_aq_layer_free. */
 typedef lv_aq_layer stage_aqlm_layer;
 
-/* What (d_out, d_in) = dequantized layer (caller-allocated). */
+/* What (d_out, d_in) = dequantized layer (caller-allocated), outlier columns included. */
 lv_status stage_aqlm_dequant(const stage_aqlm_layer *L, float *What);
+
+/* Outlier columns of L (stages/outliers.c, quant.outlier_cols): with L's codes,
+ * codebooks and scales fixed, chooses up to n input columns O greedily by the
+ * decrease of tr((W - W') H (W - W')^T) and sets their 16-bit corrections to
+ * the exact minimiser R = (W - What) H[:, O] H[O, O]^{-1} (W' = What + R on
+ * those columns). Replaces any outlier columns L had; n = 0 removes them.
+ * Columns with no signal left (conditional Hessian diagonal <= 1e-12 of the
+ * largest) are never chosen, so *n_chosen (optional) may be below n.
+ * Deterministic. d_in <= 65536; memory ~ 2 d_in^2 + 3 d_out d_in doubles. */
+lv_status stage_outliers_fit(const float *W, const float *H, int64_t d_out, int64_t d_in,
+                             lv_aq_layer *L, int n, int *n_chosen);
 
 /* *rel = tr(dW H dW^T) / tr(W H W^T), dW = W - What; all (d_out, d_in), H (d_in, d_in). */
 lv_status stage_aqlm_layer_error(const float *W, const float *What, const float *H,

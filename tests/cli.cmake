@@ -30,3 +30,5 @@ llmvq_add_script_test(NAME quantize_apiq LABELS "cli;slow" ENV ${LLMVQ_MPI_ASAN_
 # (slow: 9 runs; under ASan the PV code runs in test_stage_pvtune, test_pvtune_dist, test_h5).
 llmvq_add_script_test(NAME quantize_pv LABELS "cli;mpi;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_pv.sh)
+llmvq_add_script_test(NAME quantize_outliers LABELS "cli;mpi" ENV ${LLMVQ_MPI_ASAN_ENV}
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_outliers.sh)

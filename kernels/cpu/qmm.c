@@ -114,6 +114,8 @@ static lv_status check_args(const float *y, const float *x, const lv_aq_layer *L
                 L->g);
     if (L->d_out > 0 && (!L->codes || !L->codebooks))
         LV_FAIL(LV_ERR_INVALID_ARG, "%s: layer codes or codebooks are NULL", fn);
+    if (L->n_outl < 0 || L->n_outl > L->d_in || (L->n_outl > 0 && (!L->outl_idx || !L->outl_w)))
+        LV_FAIL(LV_ERR_INVALID_ARG, "%s: %d outlier columns without their arrays", fn, L->n_outl);
     if (n < 0 || (n > 0 && (!y || !x)))
         LV_FAIL(LV_ERR_INVALID_ARG, "%s: batch %lld, y %p, x %p", fn, (long long)n,
                 (const void *)y, (const void *)x);
@@ -134,6 +136,7 @@ lv_status kern_aq_gemm_ref(float *y, const float *x, const lv_aq_layer *L, int64
     kern_aq_dequant_ref(w, L->codes, L->codebooks, L->scales, L->d_out, L->d_in, L->n_groups,
                         L->M, 1 << L->nbits, L->g);
     kern_matmul_ref(y, x, w, n, (int)L->d_in, (int)L->d_out);
+    lv_aq_outliers_add_y(L, x, n, y);
 done:
     free(w);
     return st;
@@ -942,6 +945,7 @@ lv_status kern_aq_gemm_algo(float *y, const float *x, const lv_aq_layer *L, int6
     case KERN_AQ_GATHER: LV_TRY(gemm_gather(y, x, L, n, ws, isa >= 1)); break;
     default: LV_TRY(gemm_tile(y, x, L, n, ws)); break;
     }
+    lv_aq_outliers_add_y(L, x, n, y); /* outlier columns (none: nothing) */
 done:
     kern_aq_ws_free(own);
     return st;
