@@ -87,6 +87,9 @@ static const job_key schema[] = {
      "sequences (calibration.seqlen tokens, random crops of calibration.data after "
      "calibration.skip_tokens, their own seed) PV-tuning trains and holds out on; 0: the "
      "calibration sequences"},
+    {"pvtune", "device", JOB_ENUM, "cpu", NOLIM, "cpu|cuda",
+     "where the blocks' forward and backward run: cpu, or cuda (the current GPU; needs a "
+     "CUDA build and device; equal to the CPU to fp32 rounding, not bit for bit)"},
     {"pvtune", "lr", JOB_FLOAT, "1e-3", 0, 1, NULL, "V-step Adam learning rate"},
     {"pvtune", "max_epochs", JOB_INT, "4", 1, 100000, NULL, "passes over the training sequences"},
     {"pvtune", "batch_seqs", JOB_INT, "16", 1, 1 << 20, NULL, "sequences per V step"},

@@ -10,6 +10,10 @@
 #include "lv.h"
 #include "lv_model.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Additive-codebook quantized linear:
  *   What[r, i*g + a] = scales[r] * sum_m codebooks[m, codes[r, i, m], a],
  * for i*g + a < d_in (when g does not divide d_in the last group is cut; the
@@ -158,5 +162,9 @@ void lv_qmodel_free(lv_qmodel *q);
  * codes + codebooks (16-bit) + scales (16-bit), as in AQLM's accounting; with
  * shared_codebooks each distinct codebook tensor counts once. */
 double lv_qmodel_bits_per_weight(const lv_qmodel *q);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

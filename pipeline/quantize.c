@@ -65,6 +65,10 @@ static lv_status read_job(qjob *q, const job_file *j)
         LV_FAIL(LV_ERR_INVALID_ARG, "quant.outlier_cols = %lld needs pvtune.enable = false and "
                 "apiq.rank = 0 (neither trains with outlier columns yet)",
                 (long long)q->outlier_cols);
+    if (q->pv_enable && q->pv.device == STAGE_PV_DEVICE_CUDA && lv_cuda_device_count() < 1)
+        LV_FAIL(LV_ERR_UNSUPPORTED, "pvtune.device = cuda, but no CUDA device is usable here "
+                "(a CPU-only build, no GPU, or CUDA_VISIBLE_DEVICES hides it); use "
+                "pvtune.device = cpu");
     if (q->pv_enable && q->apiq_rank > 0)
         LV_FAIL(LV_ERR_INVALID_ARG, "pvtune.enable needs apiq.rank = 0 (PV-tuning does not train "
                 "through ApiQ adapters yet)");

@@ -19,6 +19,13 @@
 #include <string.h>
 
 #include "kern.h"
+#include "kern_ftcuda.h"
+
+#ifdef LLMVQ_HAVE_CUDA
+#define LLMVQ_CUDA_BUILT 1
+#else
+#define LLMVQ_CUDA_BUILT 0
+#endif
 #include "stage_impl.h"
 
 enum { PV_H_IDENTITY = 0, PV_H_DIAG = 1, PV_H_FULL = 2 };
@@ -46,6 +53,7 @@ struct stage_pv {
     int64_t adam_t;
     /* one micro-batch */
     stage_ft_ws *ws;
+    kern_ftcuda *gws;      /* cfg.device = CUDA: the blocks run here instead of ws */
     kern_fwd_ws *tws;      /* teacher forward with logits (KL only) */
     float *X;              // (L + 1, mb, T, dim) block inputs, then the last block's output
     float *hn;             // (mb, T, dim) final_norm(x_L)
@@ -104,6 +112,14 @@ static lv_status pv_check_cfg(const stage_pv_config *c)
     if (!(c->p_lr > 0.0f) || !isfinite(c->p_lr) || !(c->p_budget <= 1.0) || c->p_beam < 1)
         LV_FAIL(LV_ERR_INVALID_ARG, "pv-tune: p_lr %g, p_budget %g, p_beam %d: need p_lr > 0, "
                 "p_budget <= 1, p_beam >= 1", (double)c->p_lr, c->p_budget, c->p_beam);
+    if (c->device != STAGE_PV_DEVICE_CPU && c->device != STAGE_PV_DEVICE_CUDA)
+        LV_FAIL(LV_ERR_INVALID_ARG, "pv-tune: unknown device %d", c->device);
+    if (c->device == STAGE_PV_DEVICE_CUDA && lv_cuda_device_count() < 1)
+        LV_FAIL(LV_ERR_UNSUPPORTED, "pv-tune: pvtune.device = cuda, but %s",
+                LLMVQ_CUDA_BUILT ? "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and "
+                                   "the driver)"
+                                 : "this llmvq was built without CUDA (configure with "
+                                   "-DLLMVQ_CUDA=ON)");
 done:
     return st;
 }
@@ -295,7 +311,10 @@ lv_status stage_pv_init(stage_pv **out, const lv_model *fp, lv_qmodel *q, int mi
     LV_ALLOC(pv->v, pv->n_param);
 
     const size_t n = (size_t)micro_batch * (size_t)T, nd = n * (size_t)pv->dim;
-    LV_TRY(stage_ft_ws_init(&pv->ws, &q->cfg, &q->blocks[0], micro_batch, T));
+    if (pv->cfg.device == STAGE_PV_DEVICE_CUDA)
+        LV_TRY(kern_ftcuda_init(&pv->gws, &q->cfg, &q->blocks[0], micro_batch, T));
+    else
+        LV_TRY(stage_ft_ws_init(&pv->ws, &q->cfg, &q->blocks[0], micro_batch, T));
     if (pv->cfg.loss == STAGE_PV_LOSS_KL) LV_TRY(kern_fwd_ws_init(&pv->tws, &fp->cfg, micro_batch, T, 1));
     LV_ALLOC(pv->X, (size_t)(pv->L + 1) * nd);
     LV_ALLOC(pv->hn, nd);
@@ -315,6 +334,7 @@ void stage_pv_free(stage_pv *pv)
 {
     if (!pv) return;
     stage_ft_ws_free(pv->ws);
+    kern_ftcuda_free(pv->gws);
     kern_fwd_ws_free(pv->tws);
     if (pv->grad != pv->gfull) free(pv->grad);
     void *ptrs[] = {pv->seg,    pv->len, pv->off,    pv->src,      pv->train,  pv->gfull,
@@ -435,8 +455,10 @@ static lv_status pv_micro(stage_pv *pv, const int32_t *tok, int B, double inv_n,
     if (pv->tws) LV_TRY(kern_model_forward(pv->fp, tok, B, T, pv->tws, &tl));
     kern_embed_ref(pv->X, q->tok_emb, tok, n, dim);
     for (int l = 0; l < pv->L; l++)
-        LV_TRY(stage_ft_block_forward(pv->ws, &q->blocks[l], pv->X + l * stride, B, T,
-                                      pv->X + (l + 1) * stride));
+        LV_TRY(pv->gws ? kern_ftcuda_forward(pv->gws, &q->blocks[l], pv->X + l * stride, B, T,
+                                             pv->X + (l + 1) * stride)
+                       : stage_ft_block_forward(pv->ws, &q->blocks[l], pv->X + l * stride, B, T,
+                                                pv->X + (l + 1) * stride));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) { /* r as kern_rmsnorm_ref forms it */
         double ss = 0.0;
@@ -459,10 +481,16 @@ static lv_status pv_micro(stage_pv *pv, const int32_t *tok, int B, double inv_n,
         float *dWl[LV_LIN_COUNT];
         for (int k = 0; k < LV_LIN_COUNT; k++) dWl[k] = pv->dW + pv->dW_off[l * LV_LIN_COUNT + k];
         /* the last block's activations are still in ws from the forward */
+        float *gl = grad ? pv->gfull + (int64_t)l * pv->n_blk : NULL;
+        if (pv->gws) {
+            if (l < pv->L - 1) LV_TRY(kern_ftcuda_forward(pv->gws, b, x, B, T, NULL));
+            LV_TRY(kern_ftcuda_backward(pv->gws, b, pv->dx, 1, gl, l > 0 ? pv->dx : NULL,
+                                        dW ? dWl : NULL));
+            continue;
+        }
         if (l < pv->L - 1) LV_TRY(stage_ft_block_forward_save(pv->ws, b, x, B, T, NULL));
-        LV_TRY(stage_ft_block_backward(pv->ws, b, x, pv->dx, 1,
-                                       grad ? pv->gfull + (int64_t)l * pv->n_blk : NULL,
-                                       l > 0 ? pv->dx : NULL, dW ? dWl : NULL));
+        LV_TRY(stage_ft_block_backward(pv->ws, b, x, pv->dx, 1, gl, l > 0 ? pv->dx : NULL,
+                                       dW ? dWl : NULL));
     }
 done:
     return st;

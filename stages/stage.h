@@ -409,6 +409,9 @@ typedef struct {
                              times, then none [4]; < 0: no check (changes as proposed) */
     uint64_t seed;        /* sequence order per epoch and beam-search orders */
     int verbose;          /* lv_log per evaluation and P step */
+    int device;           /* STAGE_PV_DEVICE_CPU [0], or _CUDA: the blocks' forward and
+                             backward on the current CUDA device (kern_ftcuda.h; equal to
+                             the CPU to fp32 rounding, deterministic on one GPU) */
     const stage_dist *dist; /* NULL: all local. Data-parallel over ranks (every call
                              then collective, the same arguments on every rank):
                              item m = micro-batch m of each forward/backward pass
@@ -431,6 +434,8 @@ typedef struct {
     int (*stop)(void *ckpt_user); /* polled after every V step; NULL: never */
     const stage_pv_state *resume;
 } stage_pv_config;
+
+enum { STAGE_PV_DEVICE_CPU = 0, STAGE_PV_DEVICE_CUDA = 1 };
 
 /* cfg with zero fields replaced by the defaults above (in may be NULL). */
 stage_pv_config stage_pv_defaults(const stage_pv_config *in);

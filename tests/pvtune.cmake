@@ -13,3 +13,5 @@ foreach(np 2 3)
                        ENVIRONMENT "${LLMVQ_TEST_ENV};ASAN_OPTIONS=detect_leaks=0"
                        LABELS "mpi;unit" TIMEOUT 300 PROCESSORS ${np})
 endforeach()
+# The CUDA block forward/backward of PV-tuning against the CPU (skips without a GPU).
+llmvq_add_test(NAME test_ft_grad_cuda SOURCES test_ft_grad_cuda.c LABELS gpu)

@@ -117,4 +117,9 @@ if [ -e "$d/checkpoint/pv_state.h5" ]; then
 else
   bad "corrupt: no pv_state.h5 to damage"
 fi
+# pvtune.device = cuda where no GPU is usable: refused before any work, naming the key
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  expect_error "pvtune.device = cuda without a GPU" "pvtune.device = cuda" \
+    "$LLMVQ_BIN" quantize "$JOB" --quiet --set pvtune.device=cuda --set output.dir="$T/cuda"
+fi
 finish
