@@ -30,8 +30,10 @@ llmvq_add_script_test(NAME quantize_apiq LABELS "cli;slow" ENV ${LLMVQ_MPI_ASAN_
 # (slow: 9 runs; under ASan the PV code runs in test_stage_pvtune, test_pvtune_dist, test_h5).
 llmvq_add_script_test(NAME quantize_pv LABELS "cli;mpi;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_pv.sh)
-llmvq_add_script_test(NAME quantize_outliers LABELS "cli;mpi" ENV ${LLMVQ_MPI_ASAN_ENV}
+llmvq_add_script_test(NAME quantize_outliers LABELS "cli;mpi;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_outliers.sh)
 # The ~4-bit quality target end to end (PV-tuning included): ~6 minutes.
 llmvq_add_script_test(NAME quantize_4bit_pv LABELS "cli;slow" TIMEOUT 1200 ENV ${LLMVQ_MPI_ASAN_ENV}
   COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_4bit_pv.sh)
+llmvq_add_script_test(NAME quantize_shared_type LABELS "cli;mpi;slow" ENV ${LLMVQ_MPI_ASAN_ENV}
+  COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/scripts/quantize_shared_type.sh)

@@ -4,7 +4,8 @@
 # exactly, the model file holds them, eval from the codes agrees with the
 # dequantized model, 2 ranks give the same bytes (shared job), and the combinations that
 # cannot carry them (export --format hf-aqlm, PV-tuning, ApiQ) are refused
-# with a message naming the key.
+# with a message naming the key. Labelled slow: out of the sanitizer pass,
+# where test_stage_outliers covers the code.
 . "$(dirname "$0")/lib.sh"
 : "${LLMVQ_SOURCE_DIR:?}"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1

@@ -3,8 +3,8 @@
 # 1 process and 2 or 3 MPI ranks; resume after losing block files reuses the
 # checkpointed shared AQLM step and gives the same bytes; a corrupt
 # shared_aqlm.h5 is reported and recomputed; sharing with quantized
-# propagation is refused naming the keys. The same (byte-identical over ranks,
-# resume) with quant.share_codebooks = type.
+# propagation is refused naming the keys (quantize_shared_type.sh: the same for
+# quant.share_codebooks = type).
 . "$(dirname "$0")/lib.sh"
 : "${LLMVQ_SOURCE_DIR:?}"
 JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
@@ -42,40 +42,6 @@ if "$LLMVQ_BIN" quantize "$JOB" "${common[@]}" --set output.dir="$T/np1" >/dev/n
   cmp -s "$T/np1/model.h5" "$T/np3/model.h5" && ok "recomputed model.h5 byte-identical" || bad "recomputed model.h5 differs"
 else
   bad "rerun after corruption failed: $(tail -n 3 "$T/log1r")"
-fi
-
-# quant.share_codebooks = type: one codebook per linear type; 1 process and 2
-# ranks give the same bytes, the file says so, eval reads it, resume after
-# losing a block file reuses shared_aqlm.h5 and gives the same bytes
-typ=("${common[@]}" --set quant.share_codebooks=type)
-"$LLMVQ_BIN" quantize "$JOB" "${typ[@]}" --set output.dir="$T/t1" >/dev/null 2>"$T/logt1" \
-  && ok "type: 1 process" || bad "type: 1 process failed: $(tail -n 3 "$T/logt1")"
-grep -q "shared AQLM: 7 codebooks (one per linear type) over 35 linears" "$T/logt1" \
-  && ok "type: 7 codebooks fitted" || bad "type: no per-type AQLM log line: $(grep -i 'shared AQLM' "$T/logt1")"
-"$LLMVQ_BIN" inspect "$T/t1/model.h5" 2>&1 | grep -q "one codebook per linear type" \
-  && ok "type: inspect names the sharing" || bad "type: inspect says $("$LLMVQ_BIN" inspect "$T/t1/model.h5" 2>&1)"
-python3 - "$T/t1/summary.json" "$T/np1/summary.json" <<'PY' && ok "type: bpw = model-shared bpw + 6 codebooks" || bad "type: bpw accounting"
-import json, sys
-t = json.load(open(sys.argv[1]))["bpw_total"]; m = json.load(open(sys.argv[2]))["bpw_total"]
-extra = 6 * 256 * 4 * 16 / 226560  # six more 1x8g4 codebooks over stories260K's 226,560 linear weights
-print(f"  type {t:.6f}, model {m:.6f}, difference {t - m:.6f} (expected {extra:.6f})")
-sys.exit(0 if abs(t - m - extra) < 1e-9 else 1)
-PY
-"$LLMVQ_BIN" eval --quiet --model "$T/t1/model.h5" --tokenizer "$LLMVQ_SOURCE_DIR/jobs/demo/tok512.bin" \
-  --data "$LLMVQ_SOURCE_DIR/jobs/demo/tinystories_val_subset.txt" \
-  --max-tokens 2000 >"$T/evt" 2>&1 && grep -q "^ppl " "$T/evt" && ok "type: eval reads the model" \
-  || bad "type: eval failed: $(tail -n 3 "$T/evt")"
-if mpirun -np 2 "$LLMVQ_BIN" quantize "$JOB" "${typ[@]}" --set output.dir="$T/t2" >/dev/null 2>"$T/logt2"; then
-  cmp -s "$T/t1/model.h5" "$T/t2/model.h5" && ok "type: 2 ranks byte-identical to 1 process" || bad "type: 2 ranks differ"
-else
-  bad "type: 2 ranks failed: $(tail -n 3 "$T/logt2")"
-fi
-rm -f "$T/t1/checkpoint/block_003.h5"
-if "$LLMVQ_BIN" quantize "$JOB" "${typ[@]}" --set output.dir="$T/t1" >/dev/null 2>"$T/logt1r"; then
-  grep -q "shared AQLM resumed from" "$T/logt1r" && cmp -s "$T/t1/model.h5" "$T/t2/model.h5" \
-    && ok "type: resume reuses shared_aqlm.h5, same bytes" || bad "type: resume: $(grep -i shared "$T/logt1r" | head -3)"
-else
-  bad "type: rerun failed: $(tail -n 3 "$T/logt1r")"
 fi
 
 expect_error "sharing needs FP propagation" "share_codebooks.*propagation" \
