@@ -45,6 +45,19 @@ void stage_vq_row_scales(const stage_qprob *p, float *scales);
 lv_status stage_vq_init_set(int n, const stage_qprob *p, const double *alpha,
                             const stage_vq_config *cfg, stage_aqlm_layer *L, float *C);
 
+/* stage_vq_kmeans's full scan for tests: the nearest of the k centroids c
+ * (k, g) to each point x (n, g) under the weights w (n, g) or NULL, ties to
+ * the lowest index; idx, dist (n) as kern_kmeans_assign_ref, second (n) the
+ * smallest distance over the other centroids. The float32 prefilter is used
+ * where the CPU and the inputs allow it, with the same result. */
+lv_status stage_vq_kmeans_scan(const float *x, const float *w, int64_t n, int g, const float *c,
+                               int k, int32_t *idx, double *dist, double *second);
+
+/* k-means++'s update for tests: mind (n) = min(mind, distance to c_j) for the
+ * m centroids c (m, g) in turn, with the same prefilter. mind >= 0 on entry. */
+lv_status stage_vq_kmeans_min_update(const float *x, const float *w, int64_t n, int g,
+                                     const float *c, int m, double *mind);
+
 /* ---------------------------------------------------------------- AQLM internals
  * (aqlm.c; aqlm_shared.c drives them for sets of layers sharing codebooks) */
 

@@ -12,6 +12,7 @@
 #include "kern.h"
 #include "quant_testlib.h"
 #include "stage.h"
+#include "stage_impl.h"
 
 static void fill_points(lv_rng *rng, float *x, float *w, int64_t n, int g)
 {
@@ -67,16 +68,76 @@ static void test_kmeans_monotone(void **state)
     free(x);
 }
 
+/* Points on the corners of the unit cube, some moved by a few 2^-20 (far below
+ * the float32 prefilter's error bound on their distances), weights powers of
+ * two: many exactly equal and nearly equal distances. */
+static void fill_near_ties(lv_rng *rng, float *x, float *w, int64_t n, int g)
+{
+    for (int64_t i = 0; i < n; i++)
+        for (int a = 0; a < g; a++) {
+            float v = (float)(lv_rng_u64(rng) & 1);
+            if (lv_rng_uniform(rng) < 0.3f) v += 0x1p-20f * (float)((int)(lv_rng_u64(rng) % 5) - 2);
+            x[i * g + a] = v;
+            w[i * g + a] = (float)(1 << (lv_rng_u64(rng) % 4)) * 0.5f;
+        }
+}
+
+/* k-means++ written out plainly (wdist per point, no prefilter): the seeding
+ * stage_vq_kmeans must reproduce bit for bit (n > k). */
+static void kmeanspp_ref(const float *x, const float *w, int64_t n, int g, int k, uint64_t seed,
+                         float *c)
+{
+    lv_rng rng;
+    lv_rng_seed(&rng, seed);
+    double *mind = malloc((size_t)n * sizeof(double));
+    assert_non_null(mind);
+    int64_t pick = (int64_t)((double)(lv_rng_u64(&rng) >> 11) / 9007199254740992.0 * (double)n);
+    for (int j = 0; j < k; j++) {
+        memcpy(c + (int64_t)j * g, x + pick * g, (size_t)g * sizeof(float));
+        double total = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            double d = 0.0;
+            for (int a = 0; a < g; a++) {
+                double diff = (double)x[i * g + a] - (double)c[(int64_t)j * g + a];
+                d += (w ? (double)w[i * g + a] : 1.0) * diff * diff;
+            }
+            if (j == 0 || d < mind[i]) mind[i] = d;
+            total += mind[i];
+        }
+        const double u = (double)(lv_rng_u64(&rng) >> 11) / 9007199254740992.0;
+        if (j + 1 == k) break;
+        if (total > 0.0) {
+            double target = u * total, acc = 0.0;
+            pick = n - 1;
+            for (int64_t i = 0; i < n; i++) {
+                acc += mind[i];
+                if (acc > target && mind[i] > 0.0) {
+                    pick = i;
+                    break;
+                }
+            }
+        } else {
+            pick = (int64_t)(u * (double)n);
+        }
+    }
+    free(mind);
+}
+
 /* stage_vq_kmeans skips most of Lloyd's distance computations (Hamerly bounds,
- * centroids transposed and vectorised): its objective history, centroids and
- * final assignment must be those of plain Lloyd steps with the reference
- * assignment (kern_kmeans_assign_ref), bit for bit, from the same seeding. */
+ * centroids transposed and vectorised, float32 prefilters of the scans and of
+ * the k-means++ updates): its seeding must be kmeanspp_ref's, and its
+ * objective history, centroids and final assignment those of plain Lloyd
+ * steps with the reference assignment (kern_kmeans_assign_ref), bit for bit.
+ * data 0: blobs; 1: near ties (fill_near_ties); 2: blobs with weights up to
+ * 2^33, beyond the prefilter's range (the exact scans of every centroid). */
 static void test_kmeans_exact_lloyd(void **state)
 {
     (void)state;
-    const struct { int64_t n; int g, k, weighted, iters; } cases[] = {
-        {5000, 8, 256, 1, 12}, {4000, 4, 64, 0, 25}, {3001, 1, 16, 1, 30},
-        {2500, 3, 37, 1, 20},  {300, 2, 256, 1, 5},  {1200, 8, 7, 0, 40},
+    const struct { int64_t n; int g, k, weighted, iters, data; } cases[] = {
+        {5000, 8, 256, 1, 12, 0}, {4000, 4, 64, 0, 25, 0}, {3001, 1, 16, 1, 30, 0},
+        {2500, 3, 37, 1, 20, 0},  {300, 2, 256, 1, 5, 0},  {1200, 8, 7, 0, 40, 0},
+        {6000, 8, 256, 1, 10, 1}, {6000, 4, 256, 1, 10, 1}, {3000, 8, 256, 0, 8, 1},
+        {2000, 5, 40, 1, 10, 1},  {4000, 8, 64, 1, 15, 2},
     };
     for (size_t t = 0; t < sizeof cases / sizeof cases[0]; t++) {
         const int64_t n = cases[t].n;
@@ -89,14 +150,25 @@ static void test_kmeans_exact_lloyd(void **state)
         double *dist = malloc(n * sizeof(double)), *num = malloc((size_t)k * g * sizeof(double));
         double *den = malloc((size_t)k * g * sizeof(double)), hist[64], href[64];
         assert_true(x && w && c && cr && idx && idr && dist && num && den);
-        fill_points(&rng, x, w, n, g);
+        if (cases[t].data == 1) {
+            fill_near_ties(&rng, x, w, n, g);
+        } else {
+            fill_points(&rng, x, w, n, g);
+            if (cases[t].data == 2)
+                for (int64_t q = 0; q < n * g; q++) w[q] *= 0x1p32f;
+        }
         const float *wp = cases[t].weighted ? w : NULL;
         stage_vq_kmeans_config kc = {.k = k, .max_iters = iters, .tol = 0.0, .seed = 7 + t};
         int nh = 0;
         assert_int_equal(stage_vq_kmeans(x, wp, n, g, &kc, c, idx, hist, &nh), LV_OK);
-        /* the reference: the same seeding (0 iterations), then plain Lloyd */
+        /* the reference: the same seeding, written out plainly, then plain Lloyd */
         kc.max_iters = 0;
         assert_int_equal(stage_vq_kmeans(x, wp, n, g, &kc, cr, idr, NULL, NULL), LV_OK);
+        float *cs = malloc((size_t)k * g * sizeof(float));
+        assert_non_null(cs);
+        kmeanspp_ref(x, wp, n, g, k, kc.seed, cs);
+        assert_memory_equal(cr, cs, sizeof(float) * (size_t)k * g);
+        free(cs);
         int nr = 0;
         for (int it = 0;; it++) {
             kern_kmeans_assign_ref(idr, dist, x, wp, n, g, cr, k);
@@ -119,10 +191,124 @@ static void test_kmeans_exact_lloyd(void **state)
         assert_memory_equal(hist, href, sizeof(double) * (size_t)nh);
         assert_memory_equal(c, cr, sizeof(float) * (size_t)k * g);
         assert_memory_equal(idx, idr, sizeof(int32_t) * (size_t)n);
-        printf("kmeans n %lld g %d k %d weighted %d: %d iterations identical to plain Lloyd "
-               "(objective %.6g -> %.6g)\n", (long long)n, g, k, cases[t].weighted, iters,
-               hist[0], hist[nh - 1]);
+        printf("kmeans n %lld g %d k %d weighted %d data %d: seeding and %d iterations "
+               "identical to plain Lloyd (objective %.6g -> %.6g)\n", (long long)n, g, k,
+               cases[t].weighted, cases[t].data, iters, hist[0], hist[nh - 1]);
         free(den); free(num); free(dist); free(idr); free(idx); free(cr); free(c); free(w); free(x);
+    }
+}
+
+/* Centroids at +-R e_a (a < g), each repeated with moves of a few units in
+ * the 22nd bit or none (exact duplicates); points near the origin with
+ * noise ~2^-24 and one weight per point (all coordinates alike) or none: a
+ * point's distances to most centroids agree to ~2^-21, within the float32
+ * prefilter's error bound, with exact ties among duplicates. Some points sit
+ * on a centroid (distance 0). */
+static void make_near_ties(lv_rng *rng, float *x, float *w, int64_t n, int g, float *c, int k)
+{
+    for (int j = 0; j < k; j++) {
+        const int dir = j % (2 * g);
+        for (int a = 0; a < g; a++) c[j * g + a] = 0.0f;
+        c[j * g + dir / 2] = dir % 2 ? -1.5f : 1.5f;
+        if (j >= 2 * g && lv_rng_uniform(rng) < 0.7f)
+            c[j * g + lv_rng_u64(rng) % g] += 0x1p-22f * (float)((int)(lv_rng_u64(rng) % 7) - 3);
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const float wi = 0.5f + lv_rng_uniform(rng);
+        const int on = i % 17 == 0;
+        for (int a = 0; a < g; a++) {
+            x[i * g + a] = on ? c[(i % k) * g + a] : 0x1p-24f * lv_rng_normal(rng);
+            w[i * g + a] = wi;
+        }
+    }
+}
+
+/* The scan with the float32 prefilter picks what the plain scan picks (ties
+ * to the lowest index) and finds the same second distance, on near ties. */
+static void test_kmeans_scan_near_ties(void **state)
+{
+    (void)state;
+    const struct { int64_t n; int g, k, weighted; } cases[] = {
+        {3000, 8, 256, 1}, {3000, 8, 256, 0}, {3000, 4, 256, 1}, {2000, 3, 37, 1}, {500, 8, 7, 1},
+    };
+    for (size_t t = 0; t < sizeof cases / sizeof cases[0]; t++) {
+        const int64_t n = cases[t].n;
+        const int g = cases[t].g, k = cases[t].k;
+        lv_rng rng;
+        lv_rng_seed(&rng, 300 + t);
+        float *x = malloc(n * g * sizeof(float)), *w = malloc(n * g * sizeof(float));
+        float *c = malloc((size_t)k * g * sizeof(float));
+        int32_t *idx = malloc(n * sizeof(int32_t));
+        double *dist = malloc(n * sizeof(double)), *second = malloc(n * sizeof(double));
+        assert_true(x && w && c && idx && dist && second);
+        make_near_ties(&rng, x, w, n, g, c, k);
+        const float *wp = cases[t].weighted ? w : NULL;
+        assert_int_equal(stage_vq_kmeans_scan(x, wp, n, g, c, k, idx, dist, second), LV_OK);
+        int64_t close = 0;
+        for (int64_t i = 0; i < n; i++) {
+            double b = 1e300, s2 = 1e300;
+            int32_t arg = 0;
+            for (int j = 0; j < k; j++) {
+                double d = 0.0;
+                for (int a = 0; a < g; a++) {
+                    double diff = (double)x[i * g + a] - (double)c[j * g + a];
+                    d += (wp ? (double)wp[i * g + a] : 1.0) * diff * diff;
+                }
+                if (d < b) {
+                    s2 = b;
+                    b = d;
+                    arg = j;
+                } else if (d < s2) {
+                    s2 = d;
+                }
+            }
+            assert_int_equal(idx[i], arg);
+            assert_memory_equal(&dist[i], &b, sizeof b);
+            assert_memory_equal(&second[i], &s2, sizeof s2);
+            close += s2 - b <= 1e-5 * b;
+        }
+        printf("kmeans scan n %lld g %d k %d weighted %d: identical to the plain scan "
+               "(%lld points with the second within 1e-5 of the best)\n", (long long)n, g, k,
+               cases[t].weighted, (long long)close);
+        free(second); free(dist); free(idx); free(c); free(w); free(x);
+    }
+}
+
+/* k-means++'s update of the distance to the nearest centroid, prefiltered,
+ * is the plain one on near ties. */
+static void test_kmeans_min_update_near_ties(void **state)
+{
+    (void)state;
+    const struct { int64_t n; int g, k, weighted; } cases[] = {
+        {3001, 8, 256, 1}, {3001, 8, 64, 0}, {3001, 4, 256, 1}, {2003, 3, 37, 1},
+    };
+    for (size_t t = 0; t < sizeof cases / sizeof cases[0]; t++) {
+        const int64_t n = cases[t].n;
+        const int g = cases[t].g, k = cases[t].k;
+        lv_rng rng;
+        lv_rng_seed(&rng, 400 + t);
+        float *x = malloc(n * g * sizeof(float)), *w = malloc(n * g * sizeof(float));
+        float *c = malloc((size_t)k * g * sizeof(float));
+        double *mind = malloc(n * sizeof(double)), *mref = malloc(n * sizeof(double));
+        assert_true(x && w && c && mind && mref);
+        make_near_ties(&rng, x, w, n, g, c, k);
+        const float *wp = cases[t].weighted ? w : NULL;
+        int64_t updates = 0;
+        for (int64_t i = 0; i < n; i++) mind[i] = mref[i] = i % 3 ? 1e300 : 0.0;
+        for (int j = 0; j < k; j++)
+            for (int64_t i = 0; i < n; i++) {
+                double d = 0.0;
+                for (int a = 0; a < g; a++) {
+                    double diff = (double)x[i * g + a] - (double)c[j * g + a];
+                    d += (wp ? (double)wp[i * g + a] : 1.0) * diff * diff;
+                }
+                if (d < mref[i]) mref[i] = d, updates++;
+            }
+        assert_int_equal(stage_vq_kmeans_min_update(x, wp, n, g, c, k, mind), LV_OK);
+        assert_memory_equal(mind, mref, sizeof(double) * (size_t)n);
+        printf("kmeans++ update n %lld g %d k %d weighted %d: identical to the plain update "
+               "(%lld updates)\n", (long long)n, g, k, cases[t].weighted, (long long)updates);
+        free(mref); free(mind); free(c); free(w); free(x);
     }
 }
 
@@ -238,6 +424,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kmeans_monotone),
         cmocka_unit_test(test_kmeans_exact_lloyd),
+        cmocka_unit_test(test_kmeans_scan_near_ties),
+        cmocka_unit_test(test_kmeans_min_update_near_ties),
         cmocka_unit_test(test_kmeans_seeding_deterministic),
         cmocka_unit_test(test_vq_layer),
         cmocka_unit_test(test_vq_padding),
