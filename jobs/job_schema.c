@@ -108,6 +108,9 @@ static const job_key schema[] = {
      "V steps between checkpoints of the whole PV-tuning state (CKPT/pv_state.h5: model, "
      "Adam moments, best snapshot, data order; a rerun continues from it bit-identically); "
      "0: only on a stop signal"},
+    {"pvtune", "train_embeddings", JOB_BOOL, "false", NOLIM, NULL,
+     "also train the token embeddings and classifier (not quantized, so outside the bits per "
+     "weight; AQLM/PV-Tuning's update_non_quantized_parameters); they are written to model.h5"},
     {"pvtune", "p_lr", JOB_FLOAT, "1", 0, 1e6, NULL,
      "P-step target What - p_lr * dL/dWhat that the codes are re-searched towards"},
 

@@ -528,6 +528,7 @@ static pv_cost predict_pv(const plan_job *p, const plan_rates *r, int n_ranks)
         beam += c->n_layers * aqlm_cost(r, &pa, 1, (double)o, (double)i).beam;
     }
     n_param += 2.0 * c->n_layers * c->dim + lv_share_slots(p->share) * cb;
+    if (pc->train_emb) n_param += (c->tied_cls ? 1.0 : 2.0) * c->vocab_size * c->dim;
     v.n_param = (int64_t)n_param, v.n_codes = (int64_t)n_codes, v.n_w = (int64_t)n_w;
     v.p_step = v.v_step + beam / (n_ranks < c->n_layers * LV_LIN_COUNT ? n_ranks : 1.0);
     v.total = v.v_steps * v.v_step + v.p_steps * v.p_step + v.eval;

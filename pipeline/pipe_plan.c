@@ -40,6 +40,7 @@ lv_status pipe_job_pv_config(const job_file *j, int *enable, stage_pv_config *pv
     lv_status st = LV_OK;
     const char *loss = NULL, *dev = NULL;
     int64_t e, b, m, pat, ev, pe, ce;
+    int te = 0;
     double lr, ho, pb, plr;
     LV_TRY(job_get_bool(j, "pvtune.enable", enable));
     LV_TRY(job_get_str(j, "pvtune.loss", &loss));
@@ -56,12 +57,13 @@ lv_status pipe_job_pv_config(const job_file *j, int *enable, stage_pv_config *pv
     LV_TRY(job_get_int(j, "pvtune.checkpoint_every", &ce));
     LV_TRY(job_get_int(j, "pvtune.nsamples", nsamples));
     LV_TRY(job_get_str(j, "pvtune.device", &dev));
+    LV_TRY(job_get_bool(j, "pvtune.train_embeddings", &te));
     *pv = (stage_pv_config){.loss = strcmp(loss, "ce") ? STAGE_PV_LOSS_KL : STAGE_PV_LOSS_CE,
                             .lr = (float)lr, .max_epochs = (int)e, .batch_seqs = (int)b,
                             .micro_batch = (int)m, .patience = (int)pat, .eval_every = (int)ev,
                             .holdout_frac = ho, .p_every = pe == 0 ? -1 : (int)pe,
                             .p_budget = pb, .p_lr = (float)plr, .ckpt_every = (int)ce,
-                            .verbose = 1,
+                            .verbose = 1, .train_emb = te,
                             .device = strcmp(dev, "cuda") ? STAGE_PV_DEVICE_CPU
                                                           : STAGE_PV_DEVICE_CUDA};
 done:

@@ -189,7 +189,7 @@ lv_status pipe_fit_outliers(qjob *q, const float *W, const float *H, lv_aq_layer
     float *What = NULL;
     const double t = lv_now();
     const int n = q->outlier_cols < L->d_in ? (int)q->outlier_cols : (int)L->d_in;
-    LV_TRY(stage_outliers_fit(W, H, L->d_out, L->d_in, L, n, NULL));
+    if (n > 0) LV_TRY(stage_outliers_fit(W, H, L->d_out, L->d_in, L, n, NULL));
     LV_ALLOC(What, (size_t)(L->d_out * L->d_in));
     LV_TRY(stage_aqlm_dequant(L, What));
     LV_TRY(stage_aqlm_layer_error(W, What, H, L->d_out, L->d_in, rel));

@@ -99,8 +99,8 @@ double pipe_rel_mse(const float *a, const float *ref, size_t n);
 /* PATH of block `layer`'s checkpoint in q->ckpt_dir. */
 void pipe_block_path(const qjob *q, int layer, char *path, size_t cap);
 
-/* Outlier columns of L (q->outlier_cols, capped at d_in; stage_outliers_fit)
- * and *rel = its layer error with them. */
+/* Outlier columns of L when q->outlier_cols > 0 (capped at d_in;
+ * stage_outliers_fit), then *rel = L's layer error (with them). */
 lv_status pipe_fit_outliers(qjob *q, const float *W, const float *H, lv_aq_layer *L, double *rel);
 
 /* Shared-codebook quantization of every block (quant.share_codebooks = model or type):

@@ -193,19 +193,7 @@ static lv_status sh_aqlm(qjob *q, const sh_data *s, sh_dist *d, lv_qmodel *qm)
             lv_aq_layer_free(dst);
             *dst = out[j];
             memset(&out[j], 0, sizeof out[j]);
-            if (q->outlier_cols > 0) {
-                LV_TRY(pipe_fit_outliers(q, s->W[i], s->H[i], dst, &b->rel_err[i % LV_LIN_COUNT]));
-                continue;
-            }
-            double rel = 0.0;
-            float *What = NULL;
-            LV_ALLOC(What, (size_t)(s->d_out[i] * s->d_in[i]));
-            st = stage_aqlm_dequant(dst, What);
-            if (st == LV_OK)
-                st = stage_aqlm_layer_error(s->W[i], What, s->H[i], s->d_out[i], s->d_in[i], &rel);
-            free(What);
-            LV_TRY(st);
-            b->rel_err[i % LV_LIN_COUNT] = rel;
+            LV_TRY(pipe_fit_outliers(q, s->W[i], s->H[i], dst, &b->rel_err[i % LV_LIN_COUNT]));
         }
         rel0 += sx.rel_err_init * n / s->n_lin;
         rel1 += sh_final_rel(&sx) * n / s->n_lin;

@@ -178,6 +178,12 @@ done:
 
 /* ------------------------------------------------------------------- init */
 
+/* Floats of the embedding (and untied classifier) gradients, 0 unless train_emb. */
+static int64_t pv_emb_floats(const lv_qmodel *q, const stage_pv_config *c)
+{
+    return c->train_emb ? (q->cfg.tied_cls ? 1 : 2) * (int64_t)q->cfg.vocab_size * q->cfg.dim : 0;
+}
+
 /* The trainable segments (see stage_pv_param_segments) and where their
  * gradients sit in gfull. seg == NULL: only count. */
 static int pv_layout(stage_pv *pv, float **seg, int64_t *len, int64_t *src, int *train)
@@ -208,6 +214,11 @@ static int pv_layout(stage_pv *pv, float **seg, int64_t *len, int64_t *src, int 
         PV_SEG(b->ffn_norm, pv->dim, base + pv->blk_off[2 * LV_LIN_COUNT + 1], !fn);
     }
     PV_SEG(q->final_norm, pv->dim, (int64_t)pv->L * pv->n_blk, !fn);
+    if (pv->cfg.train_emb) { /* after the final norm, in gfull as in the trainable vector */
+        const int64_t ne = (int64_t)pv->vocab * pv->dim, e0 = (int64_t)pv->L * pv->n_blk + pv->dim;
+        PV_SEG(q->tok_emb, ne, e0, 1);
+        if (!q->cfg.tied_cls) PV_SEG(q->wcls, ne, e0 + ne, 1);
+    }
 #undef PV_SEG
     return n;
 }
@@ -288,7 +299,7 @@ lv_status stage_pv_init(stage_pv **out, const lv_model *fp, lv_qmodel *q, int mi
     pv->n_blk = stage_ft_param_segments(&q->cfg, &q->blocks[0], NULL, blen);
     for (int s = 0; s < STAGE_FT_N_SEGS; s++)
         pv->blk_off[s] = s ? pv->blk_off[s - 1] + blen[s - 1] : 0;
-    pv->n_full = (int64_t)pv->L * pv->n_blk + pv->dim;
+    pv->n_full = (int64_t)pv->L * pv->n_blk + pv->dim + pv_emb_floats(q, &pv->cfg);
     pv->n_seg = pv_layout(pv, NULL, NULL, NULL, NULL);
     LV_ALLOC(pv->seg, pv->n_seg);
     LV_ALLOC(pv->len, pv->n_seg);
@@ -471,6 +482,11 @@ static lv_status pv_micro(stage_pv *pv, const int32_t *tok, int B, double inv_n,
     for (int64_t i = 0; i < n; i++) *sum += pv->row_loss[i];
     if (!grad && !dW) goto done;
 
+    float *gemb = grad && pv->cfg.train_emb ? pv->gfull + (int64_t)pv->L * pv->n_blk + dim : NULL;
+    if (gemb) /* dcls (vocab, dim) += dlogits^T @ hn: the tied table's first part */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, pv->vocab, dim, (int)n, 1.0f,
+                    pv->logits, pv->vocab, pv->hn, dim, 1.0f,
+                    q->cfg.tied_cls ? gemb : gemb + (int64_t)pv->vocab * dim, dim);
     // dh (n, dim) = dlogits (n, vocab) @ cls (vocab, dim), into hn (no longer needed)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, dim, pv->vocab, 1.0f,
                 pv->logits, pv->vocab, cls, dim, 0.0f, pv->hn, dim);
@@ -484,14 +500,20 @@ static lv_status pv_micro(stage_pv *pv, const int32_t *tok, int B, double inv_n,
         float *gl = grad ? pv->gfull + (int64_t)l * pv->n_blk : NULL;
         if (pv->gws) {
             if (l < pv->L - 1) LV_TRY(kern_ftcuda_forward(pv->gws, b, x, B, T, NULL));
-            LV_TRY(kern_ftcuda_backward(pv->gws, b, pv->dx, 1, gl, l > 0 ? pv->dx : NULL,
+            LV_TRY(kern_ftcuda_backward(pv->gws, b, pv->dx, 1, gl, l > 0 || gemb ? pv->dx : NULL,
                                         dW ? dWl : NULL));
             continue;
         }
         if (l < pv->L - 1) LV_TRY(stage_ft_block_forward_save(pv->ws, b, x, B, T, NULL));
-        LV_TRY(stage_ft_block_backward(pv->ws, b, x, pv->dx, 1, gl, l > 0 ? pv->dx : NULL,
+        LV_TRY(stage_ft_block_backward(pv->ws, b, x, pv->dx, 1, gl, l > 0 || gemb ? pv->dx : NULL,
                                        dW ? dWl : NULL));
     }
+    if (gemb) /* the embedding rows of the tokens += dL/dx_0, positions in order */
+        for (int64_t i = 0; i < n; i++) {
+            float *e = gemb + (int64_t)tok[i] * dim;
+            const float *d = pv->dx + i * dim;
+            for (int j = 0; j < dim; j++) e[j] += d[j];
+        }
 done:
     return st;
 }
@@ -1088,7 +1110,7 @@ void stage_pv_state_dims(const lv_qmodel *q, int64_t n_seq, const stage_pv_confi
 {
     const stage_pv_config c = stage_pv_defaults(cfg);
     const int64_t dim = q->cfg.dim;
-    int64_t np = dim, nc = 0;
+    int64_t np = dim + pv_emb_floats(q, &c), nc = 0;
     for (int l = 0; l < q->cfg.n_layers; l++) {
         for (int k = 0; k < LV_LIN_COUNT; k++) {
             const lv_aq_layer *L = &q->blocks[l].lin[k];

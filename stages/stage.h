@@ -388,6 +388,10 @@ typedef struct {
     float lr;             /* V-step Adam learning rate [1e-3] */
     float beta1, beta2;   /* Adam betas [0.9, 0.95]; eps 1e-8 */
     int freeze_norms;     /* 1: keep every RMSNorm weight (blocks' and final) */
+    int train_emb;        /* 1: also train the (unquantized) token embeddings and classifier
+                             (one tensor when tied), as AQLM's and PV-Tuning's
+                             update_non_quantized_parameters does; they are not in the bits
+                             per weight of the quantized linears [0] */
     int batch_seqs;       /* sequences per V step (one global batch) [16] */
     int micro_batch;      /* sequences per forward/backward, the memory bound [4] */
     int max_epochs;       /* passes over the training sequences [4] */

@@ -226,50 +226,57 @@ static void test_finetune_refuses_unshared(void **state)
     lv_qmodel_free(q);
 }
 
-static void test_file_stores_once(void **state)
+/* q (sharing mode `mode`, n_cb distinct codebook tensors of 2^5 entries of 4)
+ * written and read back: same codebooks, codes and scales; bits per weight
+ * count each tensor once; then a copy of linear (bl, bk) changed at entry bi
+ * is refused, the message naming "name". */
+static void file_round_trip(lv_qmodel *q, int mode, int n_cb, int bl, int bk, int bi,
+                            const char *name)
 {
-    fixture *f = *state;
     char path[] = "/tmp/llmvq-shared-XXXXXX";
     int fd = mkstemp(path);
     assert_true(fd >= 0);
     close(fd);
     lv_qmodel *back = NULL;
-    assert_int_equal(io_qmodel_write(f->qm, path), LV_OK);
+    assert_int_equal(io_qmodel_write(q, path), LV_OK);
     assert_int_equal(io_qmodel_read(&back, path), LV_OK);
-    assert_int_equal(back->shared_codebooks, LV_SHARE_MODEL);
+    assert_int_equal(back->shared_codebooks, mode);
+    double bits = 0, weights = 0; /* codes + scales of every linear + each tensor once */
     for (int l = 0; l < CFG.n_layers; l++)
         for (int k = 0; k < LV_LIN_COUNT; k++) {
-            const lv_aq_layer *a = &f->qm->blocks[l].lin[k], *b = &back->blocks[l].lin[k];
-            assert_memory_equal(a->codebooks, b->codebooks, cb_bytes(a));
-            assert_memory_equal(a->codes, b->codes,
+            const lv_aq_layer *a = &q->blocks[l].lin[k], *L = &back->blocks[l].lin[k];
+            assert_memory_equal(a->codebooks, L->codebooks, cb_bytes(a));
+            assert_memory_equal(a->codes, L->codes,
                                 sizeof(uint16_t) * (size_t)(a->d_out * a->n_groups * a->M));
-            assert_memory_equal(a->scales, b->scales, sizeof(float) * (size_t)a->d_out);
-        }
-    /* bits: codes + scales of every linear + ONE codebook copy */
-    double bits = 0, weights = 0;
-    for (int l = 0; l < CFG.n_layers; l++)
-        for (int k = 0; k < LV_LIN_COUNT; k++) {
-            const lv_aq_layer *L = &back->blocks[l].lin[k];
+            assert_memory_equal(a->scales, L->scales, sizeof(float) * (size_t)a->d_out);
             bits += (double)L->d_out * L->n_groups * L->M * L->nbits + 16.0 * L->d_out;
             weights += (double)L->d_out * L->d_in;
         }
-    bits += 16.0 * 32 * 4; /* 1 codebook of 2^5 entries of 4 */
-    printf("  bits per weight %.4f (expected %.4f); unshared accounting would say %.4f\n",
-           lv_qmodel_bits_per_weight(back), bits / weights,
-           (bits + 16.0 * 32 * 4 * (CFG.n_layers * LV_LIN_COUNT - 1)) / weights);
+    const double one = 16.0 * 32 * 4;
+    bits += n_cb * one;
+    printf("  %d codebook tensor(s): bits per weight %.4f (expected %.4f); unshared accounting "
+           "would say %.4f\n", n_cb, lv_qmodel_bits_per_weight(back), bits / weights,
+           (bits + one * (CFG.n_layers * LV_LIN_COUNT - n_cb)) / weights);
     assert_true(fabs(lv_qmodel_bits_per_weight(back) - bits / weights) < 1e-12);
     lv_qmodel_free(back);
 
-    /* copies that differ are refused, naming the linear */
-    const float saved = f->qm->blocks[1].lin[LV_LIN_WK].codebooks[0];
-    f->qm->blocks[1].lin[LV_LIN_WK].codebooks[0] += 1.0f;
-    assert_int_equal(io_qmodel_write(f->qm, path), LV_ERR_INVALID_ARG);
+    float *v = &q->blocks[bl].lin[bk].codebooks[bi];
+    const float saved = *v;
+    *v += 1.0f;
+    assert_int_equal(io_qmodel_write(q, path), LV_ERR_INVALID_ARG);
     char line[512];
     lv_last_error_line(line, sizeof line);
     printf("  %s\n", line);
-    assert_non_null(strstr(line, "block 1 wk"));
-    f->qm->blocks[1].lin[LV_LIN_WK].codebooks[0] = saved;
+    assert_non_null(strstr(line, name));
+    *v = saved;
     unlink(path);
+}
+
+/* One tensor for the model: stored once, read back exactly, counted once. */
+static void test_file_stores_once(void **state)
+{
+    fixture *f = *state;
+    file_round_trip(f->qm, LV_SHARE_MODEL, 1, 1, LV_LIN_WK, 0, "block 1 wk");
 }
 
 /* quant.share_codebooks = type: fine-tuning keeps each type's copies
@@ -314,39 +321,7 @@ static void test_type_finetune(void **state)
 static void test_type_file(void **state)
 {
     fixture *f = *state;
-    char path[] = "/tmp/llmvq-shared-type-XXXXXX";
-    int fd = mkstemp(path);
-    assert_true(fd >= 0);
-    close(fd);
-    lv_qmodel *back = NULL;
-    assert_int_equal(io_qmodel_write(f->qt, path), LV_OK);
-    assert_int_equal(io_qmodel_read(&back, path), LV_OK);
-    assert_int_equal(back->shared_codebooks, LV_SHARE_TYPE);
-    double bits = 0, weights = 0;
-    for (int l = 0; l < CFG.n_layers; l++)
-        for (int k = 0; k < LV_LIN_COUNT; k++) {
-            const lv_aq_layer *a = &f->qt->blocks[l].lin[k], *L = &back->blocks[l].lin[k];
-            assert_memory_equal(a->codebooks, L->codebooks, cb_bytes(a));
-            assert_memory_equal(a->codes, L->codes,
-                                sizeof(uint16_t) * (size_t)(a->d_out * a->n_groups * a->M));
-            assert_memory_equal(a->scales, L->scales, sizeof(float) * (size_t)a->d_out);
-            bits += (double)L->d_out * L->n_groups * L->M * L->nbits + 16.0 * L->d_out;
-            weights += (double)L->d_out * L->d_in;
-        }
-    bits += LV_LIN_COUNT * 16.0 * 32 * 4; /* 7 codebooks of 2^5 entries of 4 */
-    printf("  per type: bits per weight %.4f (expected %.4f)\n", lv_qmodel_bits_per_weight(back),
-           bits / weights);
-    assert_true(fabs(lv_qmodel_bits_per_weight(back) - bits / weights) < 1e-12);
-    lv_qmodel_free(back);
-    const float saved = f->qt->blocks[2].lin[LV_LIN_W3].codebooks[1];
-    f->qt->blocks[2].lin[LV_LIN_W3].codebooks[1] += 1.0f;
-    assert_int_equal(io_qmodel_write(f->qt, path), LV_ERR_INVALID_ARG);
-    char line[512];
-    lv_last_error_line(line, sizeof line);
-    printf("  %s\n", line);
-    assert_non_null(strstr(line, "block 2 w3"));
-    f->qt->blocks[2].lin[LV_LIN_W3].codebooks[1] = saved;
-    unlink(path);
+    file_round_trip(f->qt, LV_SHARE_TYPE, LV_LIN_COUNT, 2, LV_LIN_W3, 1, "block 2 w3");
 }
 
 int main(void)

@@ -281,13 +281,16 @@ static double ref_loss(const lv_qmodel *q, const int32_t *tok, int B, int T, con
 /* ---------------------------------------------------------------- tests */
 
 /* The parameter classes of the check. */
-enum { C_CB, C_SCALE, C_ATTN, C_FFN, C_FINAL, C_N };
-static const char *CLASS_NAME[C_N] = {"codebooks", "scales", "attn_norm", "ffn_norm", "final_norm"};
+enum { C_CB, C_SCALE, C_ATTN, C_FFN, C_FINAL, C_EMB, C_N };
+static const char *CLASS_NAME[C_N] = {"codebooks", "scales", "attn_norm", "ffn_norm", "final_norm",
+                                      "embeddings"};
 
-/* Class of trainable segment s (stage_pv_param_segments order). */
-static int seg_class(const lv_qmodel *q, int s, int n_seg)
+/* Class of trainable segment s (stage_pv_param_segments order); n_emb: the
+ * embedding segments at the end (train_emb). */
+static int seg_class(const lv_qmodel *q, int s, int n_seg, int n_emb)
 {
-    if (s == n_seg - 1) return C_FINAL;
+    if (s >= n_seg - n_emb) return C_EMB;
+    if (s == n_seg - n_emb - 1) return C_FINAL;
     if (q->shared_codebooks) {
         const int slots = lv_share_slots(q->shared_codebooks);
         if (s < slots) return C_CB;
@@ -310,13 +313,14 @@ static void nudge(lv_qmodel *q, float **seg, int s, int64_t i, float value)
 
 /* Analytic gradient vs central differences of ref_loss on a sample of every
  * class: per segment the 2 largest |gradient| entries and 2 random ones. */
-static void grad_check(lv_qmodel *q0, stage_pv_loss loss_kind)
+static void grad_check(lv_qmodel *q0, stage_pv_loss loss_kind, int train_emb)
 {
     const int B = 2, T = 8;
     lv_qmodel *q = qcopy(F.fp, q0);
     const int32_t *tok = F.toks + 1000;
     stage_pv *pv = NULL;
-    stage_pv_config cfg = {.loss = loss_kind};
+    stage_pv_config cfg = {.loss = loss_kind, .train_emb = train_emb};
+    const int n_emb = train_emb ? (q->cfg.tied_cls ? 1 : 2) : 0;
     assert_int_equal(stage_pv_init(&pv, F.fp, q, 1, T, &cfg), LV_OK); /* micro-batches of 1 */
     int n_seg = 0;
     const int64_t np = stage_pv_param_segments(pv, &n_seg, NULL, NULL);
@@ -338,8 +342,8 @@ static void grad_check(lv_qmodel *q0, stage_pv_loss loss_kind)
         ref_free(&tm);
     }
     const double loss_ref = ref_loss(q, tok, B, T, lt);
-    printf("  %s%s: %lld params in %d segments, loss %.9g (double ref %.9g)\n",
-           q->shared_codebooks ? "shared " : "", loss_kind == STAGE_PV_LOSS_KL ? "KL" : "CE",
+    printf("  %s%s%s: %lld params in %d segments, loss %.9g (double ref %.9g)\n",
+           q->shared_codebooks ? "shared " : "", train_emb ? "embeddings + " : "", loss_kind == STAGE_PV_LOSS_KL ? "KL" : "CE",
            (long long)np, n_seg, loss, loss_ref);
     assert_true(fabs(loss - loss_ref) <= LOSS_RTOL * loss_ref);
 
@@ -360,6 +364,8 @@ static void grad_check(lv_qmodel *q0, stage_pv_loss loss_kind)
         pick[1] = top2 < 0 ? 0 : top2;
         pick[2] = (int64_t)(lv_rng_u64(&r) % (uint64_t)len[s]);
         pick[3] = (int64_t)(lv_rng_u64(&r) % (uint64_t)len[s]);
+        if (seg_class(q, s, n_seg, n_emb) == C_EMB) /* an entry of a token in the batch */
+            pick[3] = (int64_t)tok[5] * q->cfg.dim + pick[3] % q->cfg.dim;
         for (int p = 0; p < 4; p++) {
             const int64_t i = pick[p];
             const float v0 = seg[s][i], h = 1e-3f * (fabsf(v0) > 0.1f ? fabsf(v0) : 0.1f);
@@ -370,7 +376,7 @@ static void grad_check(lv_qmodel *q0, stage_pv_loss loss_kind)
             nudge(q, seg, s, i, v0);
             fa[nf] = grad[off + i];
             ff[nf] = (lp - lm) / (hp + hm);
-            fc[nf] = seg_class(q, s, n_seg);
+            fc[nf] = seg_class(q, s, n_seg, n_emb);
             gmax[fc[nf]] = fabs(ff[nf]) > gmax[fc[nf]] ? fabs(ff[nf]) : gmax[fc[nf]];
             cnt[fc[nf]]++;
             nf++;
@@ -385,7 +391,7 @@ static void grad_check(lv_qmodel *q0, stage_pv_loss loss_kind)
             rmax[cl] = rel > rmax[cl] ? rel : rmax[cl];
         }
     }
-    for (int cl = 0; cl < C_N; cl++) {
+    for (int cl = 0; cl < (train_emb ? C_N : C_EMB); cl++) {
         printf("    %-10s n=%-4lld max|grad|=%.3g  max|err|/max|grad|=%.2e  max rel err "
                "(|g| > 1%% of max)=%.2e\n", CLASS_NAME[cl], (long long)cnt[cl], gmax[cl],
                emax[cl], rmax[cl]);
@@ -407,26 +413,35 @@ static void grad_check(lv_qmodel *q0, stage_pv_loss loss_kind)
 static void test_grad_kl(void **state)
 {
     (void)state;
-    grad_check(F.qa, STAGE_PV_LOSS_KL);
+    grad_check(F.qa, STAGE_PV_LOSS_KL, 0);
 }
 
 static void test_grad_ce(void **state)
 {
     (void)state;
-    grad_check(F.qa, STAGE_PV_LOSS_CE);
+    grad_check(F.qa, STAGE_PV_LOSS_CE, 0);
 }
 
 static void test_grad_shared(void **state)
 {
     (void)state;
-    grad_check(F.qs, STAGE_PV_LOSS_KL);
+    grad_check(F.qs, STAGE_PV_LOSS_KL, 0);
 }
 
 /* One codebook per linear type (quant.share_codebooks = type). */
 static void test_grad_shared_type(void **state)
 {
     (void)state;
-    grad_check(F.qt, STAGE_PV_LOSS_KL);
+    grad_check(F.qt, STAGE_PV_LOSS_KL, 0);
+}
+
+/* pvtune.train_embeddings: the tied embedding table's gradient (classifier
+ * and input parts) too, per-matrix codebooks with KL and shared with CE. */
+static void test_grad_emb(void **state)
+{
+    (void)state;
+    grad_check(F.qa, STAGE_PV_LOSS_KL, 1);
+    grad_check(F.qs, STAGE_PV_LOSS_CE, 1);
 }
 
 /* The student forward is the dequantized model's kern_model_forward: the
@@ -834,7 +849,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_forward_matches), cmocka_unit_test(test_grad_kl),
         cmocka_unit_test(test_grad_ce),         cmocka_unit_test(test_grad_shared),
-        cmocka_unit_test(test_grad_shared_type),
+        cmocka_unit_test(test_grad_shared_type), cmocka_unit_test(test_grad_emb),
         cmocka_unit_test(test_vstep),           cmocka_unit_test(test_pstep),
         cmocka_unit_test(test_tune_deterministic), cmocka_unit_test(test_resume),
         cmocka_unit_test(test_never_worse),

@@ -54,6 +54,14 @@ fi
 cmp -s "$T/s1.txt" "$T/s2.txt" && [ -s "$T/s1.txt" ] && ok "sampling is deterministic per seed" || bad "sampling differs for one seed"
 "$LLMVQ_BIN" eval --help | grep -q -- '--ctx' && ok "eval --help" || bad "eval --help"
 
+# docs/jobfile.md carries the schema's key table as --help-keys prints it
+if [ -n "${LLMVQ_SOURCE_DIR:-}" ]; then
+  "$LLMVQ_BIN" quantize --help-keys >"$T/keys.md" 2>&1
+  missing=$(grep -vxF -f "$LLMVQ_SOURCE_DIR/docs/jobfile.md" "$T/keys.md" | head -n 3)
+  [ -z "$missing" ] && ok "docs/jobfile.md has every --help-keys row" \
+    || bad "docs/jobfile.md is stale (regenerate its table from quantize --help-keys): $missing"
+fi
+
 # synth writes a model that loads and evaluates (random weights: ppl near vocab size).
 if "$LLMVQ_BIN" synth --preset stories260K --out "$T/synth.bin" --seed 3 2>/dev/null \
    && "$LLMVQ_BIN" eval --quiet --json --model "$T/synth.bin" --tokenizer "$TOK" --data "$TXT" --max-tokens 2000 >"$T/synth.json"; then

@@ -35,3 +35,15 @@ finish() {
   echo "$PASSES passed, $FAILS failed"
   [ "$FAILS" -eq 0 ]
 }
+
+# shared_small_ref: the small model-shared 2-bit job of quantize_shared*.sh
+# (16 calibration sequences, 2 AQLM alternations, 2 fine-tuning epochs, no
+# eval) run once on 1 process into $T/np1; sets JOB and common (its --set
+# flags) for the caller's further runs. Returns the run's status.
+shared_small_ref() {
+  : "${LLMVQ_SOURCE_DIR:?}"
+  JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
+  export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+  common=(--set output.eval_data= --set calibration.nsamples=16 --set quant.max_iters=2 --set finetune.max_epochs=2)
+  "$LLMVQ_BIN" quantize "$JOB" "${common[@]}" --set output.dir="$T/np1" >/dev/null 2>"$T/log1"
+}

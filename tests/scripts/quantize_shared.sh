@@ -6,12 +6,7 @@
 # propagation is refused naming the keys (quantize_shared_type.sh: the same for
 # quant.share_codebooks = type).
 . "$(dirname "$0")/lib.sh"
-: "${LLMVQ_SOURCE_DIR:?}"
-JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-common=(--set output.eval_data= --set calibration.nsamples=16 --set quant.max_iters=2 --set finetune.max_epochs=2)
-"$LLMVQ_BIN" quantize "$JOB" "${common[@]}" --set output.dir="$T/np1" >/dev/null 2>"$T/log1" \
-  && ok "1 process" || bad "1 process failed: $(tail -n 3 "$T/log1")"
+shared_small_ref && ok "1 process" || bad "1 process failed: $(tail -n 3 "$T/log1")"
 for np in 2 3; do
   if mpirun -np $np "$LLMVQ_BIN" quantize "$JOB" "${common[@]}" --set output.dir="$T/np$np" >/dev/null 2>"$T/log$np"; then
     cmp -s "$T/np1/model.h5" "$T/np$np/model.h5" && ok "$np ranks: model.h5 byte-identical to 1 process" \

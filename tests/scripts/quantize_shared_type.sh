@@ -6,12 +6,7 @@
 # the same bytes. Labelled slow (out of the sanitizer pass, where
 # test_shared_codebooks and test_stage_pvtune cover the type mode).
 . "$(dirname "$0")/lib.sh"
-: "${LLMVQ_SOURCE_DIR:?}"
-JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit.ini
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-common=(--set output.eval_data= --set calibration.nsamples=16 --set quant.max_iters=2 --set finetune.max_epochs=2)
-"$LLMVQ_BIN" quantize "$JOB" "${common[@]}" --set output.dir="$T/np1" >/dev/null 2>"$T/log1" \
-  || bad "model-shared reference run failed: $(tail -n 3 "$T/log1")"
+shared_small_ref || bad "model-shared reference run failed: $(tail -n 3 "$T/log1")"
 # quant.share_codebooks = type: one codebook per linear type; 1 process and 2
 # ranks give the same bytes, the file says so, eval reads it, resume after
 # losing a block file reuses shared_aqlm.h5 and gives the same bytes
