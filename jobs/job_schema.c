@@ -87,6 +87,10 @@ static const job_key schema[] = {
      "sequences (calibration.seqlen tokens, random crops of calibration.data after "
      "calibration.skip_tokens, their own seed) PV-tuning trains and holds out on; 0: the "
      "calibration sequences"},
+    {"pvtune", "data", JOB_ENUM, "text", NOLIM, "text|model",
+     "text: PV-tuning's sequences are crops of calibration.data; model: stories sampled from the "
+     "FP model (temperature 1, from BOS, seeded by run.seed; rank 0 samples, every rank gets "
+     "them), as many tokens as pvtune.nsamples x calibration.seqlen"},
     {"pvtune", "device", JOB_ENUM, "cpu", NOLIM, "cpu|cuda",
      "where the blocks' forward and backward run: cpu, or cuda (the current GPU; needs a "
      "CUDA build and device; equal to the CPU to fp32 rounding, not bit for bit)"},

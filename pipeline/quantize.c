@@ -55,6 +55,11 @@ static lv_status read_job(qjob *q, const job_file *j)
                 "blocks see the FP model's activations)", share);
     LV_TRY(pipe_job_stage_configs(j, &q->acfg, &q->ft_enable, &q->ft));
     LV_TRY(pipe_job_pv_config(j, &q->pv_enable, &q->pv, &q->pv_nsamples));
+    {
+        const char *pd = NULL;
+        LV_TRY(job_get_str(j, "pvtune.data", &pd));
+        q->pv_data_model = strcmp(pd, "model") == 0;
+    }
     LV_TRY(job_get_int(j, "apiq.rank", &q->apiq_rank));
     LV_TRY(job_get_int(j, "apiq.iters", &q->apiq_iters));
     if (q->apiq_rank > 0 && (q->share || q->ft_enable))
@@ -622,7 +627,7 @@ static lv_status prepare(qjob *q, const job_file *j)
                 q->calib_path, (long long)n_tok);
     LV_TRY(stage_calib_sequences(toks + q->calib_skip, n_tok - q->calib_skip, q->n_seq, q->T,
                                  (uint64_t)q->seed, &q->seqs));
-    if (q->pv_enable && q->pv_nsamples > 0)
+    if (q->pv_enable && q->pv_nsamples > 0 && !q->pv_data_model) /* model: pipe_pv_tune samples */
         LV_TRY(stage_calib_sequences(toks + q->calib_skip, n_tok - q->calib_skip,
                                      q->pv_nsamples, q->T,
                                      (uint64_t)q->seed * 1000003ULL + 991, &q->pv_seqs));

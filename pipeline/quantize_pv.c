@@ -43,6 +43,67 @@ static lv_status pv_share(void *user, int item, void *buf, size_t bytes)
     return comm_bcast(c->comm, buf, bytes, item % c->size);
 }
 
+/* Sequences PV-tuning trains and holds out on: pvtune.nsamples, or the
+ * calibration sequences' count. */
+static int64_t pv_count(const qjob *q)
+{
+    return q->pv_nsamples > 0 ? q->pv_nsamples : q->n_seq;
+}
+
+/* pvtune.data = model: q->pv_seqs (pv_count, T) = a stream of stories sampled
+ * from the FP model (each from BOS, temperature 1, no top-p, up to seq_len
+ * tokens, story s with seed base + s) cut into sequences of T tokens. Sampled on
+ * rank 0 and broadcast, so every rank trains on the same tokens even where the
+ * ranks' CPUs would round the FP model differently. Collective. */
+static lv_status pv_sample_local(qjob *q, int64_t total)
+{
+    lv_status st = LV_OK;
+    const double t0 = lv_now();
+    const uint64_t base = (uint64_t)q->seed * 1000003ULL + 4243;
+    const int32_t bos = 1;
+    int32_t *story = NULL;
+    int64_t have = 0, n_stories = 0;
+    while (have < total) {
+        const stage_gen_opts go = {.steps = q->fp->cfg.seq_len, .temperature = 1.0f,
+                                   .top_p = 0.0f, .seed = base + (uint64_t)n_stories};
+        int len = 0;
+        LV_TRY(stage_generate(q->fp, &bos, 1, &go, NULL, NULL, &story, &len));
+        const int64_t take = total - have < len ? total - have : len;
+        memcpy(q->pv_seqs + have, story, sizeof(int32_t) * (size_t)take);
+        have += take;
+        n_stories++;
+        free(story);
+        story = NULL;
+    }
+    lv_log("pv-tune: sampled %lld sequences of %d tokens (%lld stories) from the FP model in "
+           "%.1f s", (long long)(total / q->T), q->T, (long long)n_stories, lv_now() - t0);
+done:
+    free(story);
+    return st;
+}
+
+static lv_status pv_sample(pv_ctx *c)
+{
+    lv_status st = LV_OK;
+    qjob *q = c->q;
+    const int64_t total = pv_count(q) * q->T;
+    int failed = 0;
+    LV_ALLOC(q->pv_seqs, (size_t)total);
+    if (c->rank == 0) st = pv_sample_local(q, total);
+    if (c->size > 1) { /* every rank learns whether rank 0 sampled, then gets its tokens */
+        const lv_status lst = st;
+        LV_TRY(comm_agree_flag(c->comm, lst != LV_OK, &failed));
+        if (lst != LV_OK) {
+            st = lst;
+            goto done;
+        }
+        if (failed) LV_FAIL(LV_ERR_MPI, "pv-tune: rank 0 failed to sample the PV-tuning sequences");
+        LV_TRY(comm_bcast(c->comm, q->pv_seqs, sizeof(int32_t) * (size_t)total, 0));
+    }
+done:
+    return st;
+}
+
 /* Scalars of a stage_pv_state, in file order. */
 enum {
     PVI_ADAM_T = 0, PVI_P_COUNT, PVI_EPOCH, PVI_NEXT, PVI_EPOCH_STEPS, PVI_WORSE, PVI_STOP,
@@ -155,7 +216,7 @@ static int pv_load_state(pv_ctx *c, lv_qmodel **qm, stage_pv_state *s, void **bu
     double dbls[PVD_N];
     io_array a[8];
     if (access(c->state_path, F_OK) != 0) return 0;
-    stage_pv_state_dims(*qm, q->pv_seqs ? q->pv_nsamples : q->n_seq, &q->pv, &np, &nc, &nt);
+    stage_pv_state_dims(*qm, pv_count(q), &q->pv, &np, &nc, &nt);
     void *b = pv_state_alloc(s, np, nc, nt);
     if (!b) return 0;
     const int n = pv_arrays(s, ints, dbls, a);
@@ -257,8 +318,9 @@ lv_status pipe_pv_tune(qjob *q, comm_ctx *comm, lv_qmodel **qm)
     }
     if (done_already) goto done;
 
+    if (q->pv_data_model && !q->pv_seqs) LV_TRY(pv_sample(&c));
     const int32_t *pv_seqs = q->pv_seqs ? q->pv_seqs : q->seqs;
-    const int64_t pv_n = q->pv_seqs ? q->pv_nsamples : q->n_seq;
+    const int64_t pv_n = pv_count(q);
     stage_pv_state rs;
     const int resumed = pv_load_state(&c, qm, &rs, &sbuf);
     if (c.size > 1) { /* every rank read the same file: the same verdict, unless I/O failed */

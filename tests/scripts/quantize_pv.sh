@@ -9,7 +9,11 @@
 #  3. SIGTERM while PV-tuning: exit status 75 (stopped) with pv_state.h5 written,
 #     the rerun ends byte-identical;
 #  4. a corrupt pv_state.h5 is named in a warning and PV-tuning starts over,
-#     still byte-identical.
+#     still byte-identical;
+#  5. pvtune.data = model with pvtune.train_embeddings (the blocks reused from
+#     the reference run): sequences sampled from the FP model, the embedding
+#     table trained (it differs from the block-wise model's), 2 ranks
+#     byte-identical to 1 process.
 . "$(dirname "$0")/lib.sh"
 : "${LLMVQ_SOURCE_DIR:?}"
 JOB=$LLMVQ_SOURCE_DIR/jobs/stories260K-2bit-pv.ini
@@ -117,6 +121,22 @@ if [ -e "$d/checkpoint/pv_state.h5" ]; then
 else
   bad "corrupt: no pv_state.h5 to damage"
 fi
+# 5. sampled data + trained embeddings, 1 process and 2 ranks
+for np in 0 2; do
+  d=$T/gen$np
+  mkdir -p "$d" && cp -r "$T/ref/checkpoint" "$d/" && rm -f "$d"/checkpoint/pv*.h5
+  cmd_for "$d" $np
+  "${CMD[@]}" --set pvtune.data=model --set pvtune.nsamples=16 --set pvtune.train_embeddings=true \
+    --set pvtune.p_every=0 >/dev/null 2>"$d.log" || bad "data = model, np=$np: failed: $(tail -n 3 "$d.log")"
+done
+grep -q "pv-tune: sampled 16 sequences of 128 tokens" "$T/gen0.log" \
+  && ok "data = model: $(grep -o 'sampled 16 sequences.*' "$T/gen0.log")" || bad "data = model: no sampling line: $(grep 'pv-tune' "$T/gen0.log" | head -n 3)"
+rc=0; h5diff -q "$T/gen0/checkpoint/blockwise.h5" "$T/gen0/model.h5" /tok_embeddings /tok_embeddings >/dev/null 2>&1 || rc=$?
+[ $rc -eq 1 ] && ok "train_embeddings: tok_embeddings trained (differ from the block-wise model's)" \
+  || bad "train_embeddings: h5diff of tok_embeddings gave $rc (0: unchanged by PV-tuning, 2: unreadable)"
+cmp -s "$T/gen0/model.h5" "$T/gen2/model.h5" && ok "data = model: 2 ranks byte-identical to 1 process" \
+  || bad "data = model: 2 ranks differ from 1 process"
+
 # pvtune.device = cuda where no GPU is usable: refused before any work, naming the key
 if ! nvidia-smi -L >/dev/null 2>&1; then
   expect_error "pvtune.device = cuda without a GPU" "pvtune.device = cuda" \
