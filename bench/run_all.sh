@@ -38,6 +38,12 @@ if ./build-bench/llmvq bench gemv --help >/dev/null 2>&1; then
       done
     done
   done
+  echo "== 2x8g8 batch 1: stripped inner loops vs sgemv (the ceiling of LUT / GATHER here)"
+  : >"$OUT/ceiling.jsonl"
+  for shape in "4096 4096" "11008 4096"; do
+    OMP_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS ./build-bench/bench_qmm_ceiling $shape 30 \
+      | tee -a "$OUT/ceiling.jsonl"
+  done
 else
   echo "== llmvq bench gemv not available in this build: kernel benchmarks skipped"
   rm -f "$OUT/gemv.jsonl"

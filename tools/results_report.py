@@ -52,6 +52,21 @@ def main():
                 g.get("mem_bw_gbps", 0.0)))
     else:
         L += ["", "## Quantized GEMV/GEMM", "", "Not run: this build has no `llmvq bench gemv`."]
+    ceil = os.path.join(res, "ceiling.jsonl")
+    if os.path.exists(ceil):
+        L += ["", "## 2x8g8 batch 1: the stripped inner loops vs sgemv (bench_qmm_ceiling)", "",
+              "Lower bounds for the LUT and GATHER kernels' time on this CPU (no table build, no "
+              "scales, codes in the handiest layout); speedup ceiling = sgemv / the faster loop.", "",
+              "| rows x cols | threads | ms fp32 | ms lookup loop | ms gather loop | lookups / ns | speedup ceiling |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for line in open(ceil):
+            line = line.strip()
+            if not line:
+                continue
+            g = json.loads(line)
+            L.append("| %d x %d | %d | %.3f | %.3f | %.3f | %.2f | %.2fx |" % (
+                g["rows"], g["cols"], g["threads"], g["ms_fp32"], g["ms_lookup_loop"],
+                g["ms_gather_loop"], g["lookups_per_ns"], g["speedup_ceiling"]))
     open(out_md, "w").write("\n".join(L) + "\n")
 
 
