@@ -22,6 +22,7 @@ cmd_for() { # cmd_for DIR NP: the command line, in the array CMD
   local d=$1 np=$2
   CMD=("$LLMVQ_BIN" quantize "$JOB" --set output.eval_data= --set calibration.nsamples=24
        --set calibration.seqlen=128 --set quant.max_iters=4 --set finetune.max_epochs=2
+       --set pvtune.data=text --set pvtune.train_embeddings=false
        --set pvtune.nsamples=0 --set pvtune.max_epochs=4 --set pvtune.batch_seqs=4 --set pvtune.micro_batch=2
        --set pvtune.lr=3e-4 --set pvtune.p_every=4 --set pvtune.p_budget=2e-4
        --set pvtune.checkpoint_every=1 --set output.dir="$d")
