@@ -700,6 +700,14 @@ lv_status io_qmodel_write_extra(const lv_qmodel *q, const char *path, const char
     LV_TRY(attr_u64(f, "model_hash", q->model_hash, path));
     LV_TRY(attr_f64(f, "bpw_total", lv_qmodel_bits_per_weight(q), path));
     LV_TRY(attr_i64(f, "shared_codebooks", q->shared_codebooks, path));
+    if (q->scale_bits == 8) { /* absent: fp16 scales (files before 8-bit scales existed too) */
+        for (int l = 0; l < c->n_layers; l++)
+            for (int k = 0; k < LV_LIN_COUNT; k++)
+                if (!lv_aq_scales8_ok(&q->blocks[l].lin[k]))
+                    LV_FAIL(LV_ERR_INVALID_ARG, "%s: scale_bits = 8 but block %d %s has scales off "
+                            "the 8-bit grid", path, l, lv_lin_name((lv_lin)k));
+        LV_TRY(attr_i64(f, "scale_bits", 8, path));
+    }
     LV_TRY(attr_u64(f, "checksum", qmodel_checksum(q), path));
     if (q->shared_codebooks) LV_TRY(write_shared_codebooks(f, q, path));
     LV_TRY(dset_write(f, "tok_embeddings", H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, 2, emb, q->tok_emb, path));
@@ -814,6 +822,16 @@ lv_status io_qmodel_read_extra(lv_qmodel **out, const char *path, const char *gr
         LV_TRY(attr_read(f, "checksum", H5T_NATIVE_UINT64, &sum, path));
         if (sum != qmodel_checksum(q))
             LV_FAIL(LV_ERR_FORMAT, "%s: checksum mismatch: the model's data is corrupt", path);
+    }
+    if (H5Aexists(f, "scale_bits") > 0) {
+        LV_TRY(attr_get_int(f, "scale_bits", &q->scale_bits, 8, 16, path));
+        if (q->scale_bits != 8 && q->scale_bits != 16)
+            LV_FAIL(LV_ERR_FORMAT, "%s: scale_bits = %d (8 or 16)", path, q->scale_bits);
+        for (int l = 0; q->scale_bits == 8 && l < c->n_layers; l++)
+            for (int k = 0; k < LV_LIN_COUNT; k++)
+                if (!lv_aq_scales8_ok(&q->blocks[l].lin[k]))
+                    LV_FAIL(LV_ERR_FORMAT, "%s: scale_bits = 8 but block %d %s has scales off the "
+                            "8-bit grid: the file is corrupt", path, l, lv_lin_name((lv_lin)k));
     }
     if (group) LV_TRY(read_extra(f, group, arr, n_arr, path));
     *out = q;

@@ -45,6 +45,10 @@ static const job_key schema[] = {
      "codebook update between code searches: Adam or closed-form least squares"},
     {"quant", "propagation", JOB_ENUM, "quantized", NOLIM, "quantized|fp",
      "inputs of the next block: outputs of the quantized block (AQLM) or of the FP one (parallel)"},
+    {"quant", "scale_bits", JOB_ENUM, "16", NOLIM, "16|8",
+     "bits per output-channel scale: 16 (fp16), or 8 (per linear an fp16 base, the largest "
+     "scale, and per row q in 0..255 for base * 2^(-q/32), rounded to fp16; steps of 2.2 %, "
+     "8 octaves; set as each block is done and after PV-tuning; counted in bits per weight)"},
     {"quant", "fp16", JOB_BOOL, "true", NOLIM, NULL,
      "round codebooks and scales to fp16 values once each block is done (and after "
      "PV-tuning): model.h5 then holds exactly what bits_per_weight counts and what "

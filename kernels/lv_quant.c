@@ -243,7 +243,8 @@ double lv_qmodel_bits_per_weight(const lv_qmodel *q)
             bits += (double)L->d_out * (double)L->n_groups * L->M * L->nbits;
             if (lv_share_owner(q->shared_codebooks, l, k))
                 bits += (double)L->M * (double)(1 << L->nbits) * L->g * 16.0;
-            bits += (double)L->d_out * 16.0 + lv_aq_outliers_bits(L);
+            bits += (q->scale_bits == 8 ? 16.0 + (double)L->d_out * 8.0 : (double)L->d_out * 16.0) +
+                    lv_aq_outliers_bits(L);
             weights += (double)L->d_out * (double)L->d_in;
         }
     return weights > 0 ? bits / weights : 0.0;
@@ -294,4 +295,73 @@ lv_status lv_aq_layer_round_f16(lv_aq_layer *L, const char *what)
     for (int64_t i = 0; i < L->d_out * L->n_outl; i++) L->outl_w[i] = lv_round_f16(L->outl_w[i]);
 done:
     return st;
+}
+
+/* 2^(-q/32) for q = 0..255: r = 2^(-1/32) from five correctly rounded square
+ * roots of 0.5, then repeated products, all in IEEE double. */
+static double scale8_factor(int q)
+{
+    double r = 0.5, f = 1.0;
+    for (int i = 0; i < 5; i++) r = sqrt(r);
+    for (int i = 0; i < q; i++) f *= r;
+    return f;
+}
+
+float lv_scale8_value(float base, int q)
+{
+    return lv_round_f16((float)((double)base * scale8_factor(q)));
+}
+
+/* The 256 grid values of base, decreasing (non-increasing after fp16 rounding). */
+static void scale8_grid(float base, float *v)
+{
+    double r = 0.5, f = 1.0;
+    for (int i = 0; i < 5; i++) r = sqrt(r);
+    for (int q = 0; q < 256; q++, f *= r) v[q] = lv_round_f16((float)((double)base * f));
+}
+
+static int scale8_nearest(const float *v, float s)
+{
+    int best = 0;
+    for (int q = 1; q < 256; q++)
+        if (fabs((double)v[q] - s) < fabs((double)v[best] - s)) best = q;
+    return best;
+}
+
+static float scale8_base(const lv_aq_layer *L)
+{
+    float m = 0.0f;
+    for (int64_t i = 0; i < L->d_out; i++) m = L->scales[i] > m ? L->scales[i] : m;
+    return lv_round_f16(m);
+}
+
+lv_status lv_aq_layer_round_scales8(lv_aq_layer *L, const char *what)
+{
+    lv_status st = LV_OK;
+    float v[256];
+    if (!L->scales) LV_FAIL(LV_ERR_INVALID_ARG, "%s: no scales to put on the 8-bit grid", what);
+    for (int64_t i = 0; i < L->d_out; i++)
+        if (!(L->scales[i] > 0.0f) || !isfinite(L->scales[i]))
+            LV_FAIL(LV_ERR_NUMERIC, "%s: scales[%lld] = %g: quant.scale_bits = 8 needs finite scales "
+                    "> 0 (use 16)", what, (long long)i, (double)L->scales[i]);
+    const float base = scale8_base(L);
+    if (!isfinite(base) || !(base > 0.0f))
+        LV_FAIL(LV_ERR_NUMERIC, "%s: largest scale %g is not a finite fp16 value > 0", what,
+                (double)base);
+    scale8_grid(base, v);
+    for (int64_t i = 0; i < L->d_out; i++) L->scales[i] = v[scale8_nearest(v, L->scales[i])];
+done:
+    return st;
+}
+
+int lv_aq_scales8_ok(const lv_aq_layer *L)
+{
+    float v[256];
+    if (!L->scales || L->d_out < 1) return 0;
+    const float base = scale8_base(L);
+    if (!isfinite(base) || !(base > 0.0f)) return 0;
+    scale8_grid(base, v);
+    for (int64_t i = 0; i < L->d_out; i++)
+        if (!(L->scales[i] > 0.0f) || v[scale8_nearest(v, L->scales[i])] != L->scales[i]) return 0;
+    return 1;
 }

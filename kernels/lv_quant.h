@@ -89,6 +89,9 @@ typedef struct {
                                      tensor per linear type (wq of every block, ...;
                                      quant.share_codebooks = type). Each distinct tensor is
                                      stored once in files and counted once in bits per weight */
+    int scale_bits;               /* 0 or 16: fp16 scales; 8: every linear's scales are on
+                                     the 8-bit grid of lv_scale8_value (quant.scale_bits = 8):
+                                     16 bits for the linear's base + 8 per row */
 } lv_qmodel;
 
 /* Codebook sharing of a quantized model (lv_qmodel.shared_codebooks). */
@@ -142,6 +145,19 @@ float lv_round_f16(float x);
  * `what` and the tensor. */
 lv_status lv_aq_layer_round_f16(lv_aq_layer *L, const char *what);
 
+/* 8-bit scales (quant.scale_bits = 8): the scales of a linear are base * 2^(-q/32),
+ * q = 0..255 (8 octaves below base, steps of 2.2 %), each rounded to an fp16 value;
+ * base = the largest scale, itself an fp16 value. The grid is computed with IEEE
+ * double square roots and products only (no libm), so every platform decodes q to
+ * the same float. */
+float lv_scale8_value(float base, int q);
+/* Scales of L moved to the nearest grid value (by absolute difference, ties to the
+ * smaller q) in place. Scales must be finite and > 0 with base finite in fp16:
+ * otherwise LV_ERR_NUMERIC naming `what` and the row, and L unchanged. */
+lv_status lv_aq_layer_round_scales8(lv_aq_layer *L, const char *what);
+/* 1 when every scale of L is a grid value of its largest scale, else 0. */
+int lv_aq_scales8_ok(const lv_aq_layer *L);
+
 /* Empty blocks for cfg (norms, linears allocated per the shapes and config). */
 lv_status lv_qblock_init(lv_qblock *b, const lv_model_config *cfg, int M, int nbits, int g);
 void lv_qblock_free(lv_qblock *b);
@@ -159,8 +175,9 @@ lv_status lv_qmodel_init(lv_qmodel **out, const lv_model *fp, int M, int nbits, 
 void lv_qmodel_free(lv_qmodel *q);
 
 /* Total storage bits per quantized weight over all linears of the model:
- * codes + codebooks (16-bit) + scales (16-bit), as in AQLM's accounting; with
- * shared_codebooks each distinct codebook tensor counts once. */
+ * codes + codebooks (16-bit) + scales (16-bit; with scale_bits 8, 16 per linear
+ * + 8 per row), as in AQLM's accounting; with shared_codebooks each distinct
+ * codebook tensor counts once. */
 double lv_qmodel_bits_per_weight(const lv_qmodel *q);
 
 #ifdef __cplusplus

@@ -262,14 +262,16 @@ int pipe_cmd_inspect(int argc, char **argv)
             if (ms == LV_OK) {
                 cJSON_AddNumberToObject(o, "bpw_total", lv_qmodel_bits_per_weight(q));
                 cJSON_AddStringToObject(o, "shared_codebooks", lv_share_name(q->shared_codebooks));
+                cJSON_AddNumberToObject(o, "scale_bits", q->scale_bits == 8 ? 8 : 16);
             }
             else cJSON_AddStringToObject(o, "error", line);
         } else if (ms == LV_OK) {
-            printf("model %s: ok, %d blocks, %dx%dg%d, %.3f bits per weight%s\n", model,
+            printf("model %s: ok, %d blocks, %dx%dg%d, %.3f bits per weight%s%s\n", model,
                    q->cfg.n_layers, q->M, q->nbits, q->g, lv_qmodel_bits_per_weight(q),
                    q->shared_codebooks == LV_SHARE_MODEL  ? ", one codebook shared by all linears"
                    : q->shared_codebooks == LV_SHARE_TYPE ? ", one codebook per linear type"
-                                                          : "");
+                                                          : "",
+                   q->scale_bits == 8 ? ", 8-bit scales" : "");
         } else {
             printf("model %s: CORRUPT  %s\n", model, line);
         }

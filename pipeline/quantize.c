@@ -56,6 +56,11 @@ static lv_status read_job(qjob *q, const job_file *j)
     LV_TRY(pipe_job_stage_configs(j, &q->acfg, &q->ft_enable, &q->ft));
     LV_TRY(pipe_job_pv_config(j, &q->pv_enable, &q->pv, &q->pv_nsamples));
     {
+        const char *sb = NULL;
+        LV_TRY(job_get_str(j, "quant.scale_bits", &sb));
+        q->scale_bits = strcmp(sb, "8") ? 16 : 8;
+    }
+    {
         const char *pd = NULL;
         LV_TRY(job_get_str(j, "pvtune.data", &pd));
         q->pv_data_model = strcmp(pd, "model") == 0;
@@ -272,11 +277,12 @@ void pipe_block_path(const qjob *q, int layer, char *path, size_t cap)
 lv_status pipe_round_block_f16(const qjob *q, int layer, lv_qblock *b)
 {
     lv_status st = LV_OK;
-    if (!q->fp16) return LV_OK;
     for (int k = 0; k < LV_LIN_COUNT; k++) {
         char what[64];
         snprintf(what, sizeof what, "quant.fp16: block %d %s", layer, lv_lin_name((lv_lin)k));
-        LV_TRY(lv_aq_layer_round_f16(&b->lin[k], what));
+        if (q->fp16) LV_TRY(lv_aq_layer_round_f16(&b->lin[k], what));
+        snprintf(what, sizeof what, "quant.scale_bits = 8: block %d %s", layer, lv_lin_name((lv_lin)k));
+        if (q->scale_bits == 8) LV_TRY(lv_aq_layer_round_scales8(&b->lin[k], what));
     }
 done:
     return st;
@@ -563,11 +569,16 @@ done:
 }
 
 /* Rank 0: the final model qm written, evaluated and summarised. */
-static lv_status finish(qjob *q, const lv_qmodel *qm, double t_start)
+static lv_status finish(qjob *q, const lv_qmodel *qm_in, double t_start)
 {
     lv_status st = LV_OK;
     lv_model *qfp = NULL;
     char path[4200];
+    /* the blocks' scales were put on the 8-bit grid as each was done (and after
+     * PV-tuning): the final model says so, and bits per weight count 8 */
+    lv_qmodel fin = *qm_in;
+    fin.scale_bits = q->scale_bits == 8 ? 8 : 0;
+    const lv_qmodel *qm = &fin;
     snprintf(path, sizeof path, "%s/model.h5", q->out_dir);
     LV_TRY(io_qmodel_write(qm, path));
     lv_log("wrote %s (%.3f bits per weight: codes + codebooks + scales%s)", path,

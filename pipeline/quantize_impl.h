@@ -48,7 +48,8 @@ typedef struct {
     int32_t *seqs; /* (n_seq, T) */
     int64_t pv_nsamples; /* pvtune.nsamples */
     int32_t *pv_seqs;    /* (pv_nsamples, T) PV-tuning's own sequences, or NULL (= seqs) */
-    int pv_data_model;   /* pvtune.data = model: pv_seqs are sampled from the FP model */
+    int pv_data_model;
+    int scale_bits;      /* quant.scale_bits: 16 or 8 */   /* pvtune.data = model: pv_seqs are sampled from the FP model */
     int64_t n_seq;
     int T;
     /* results */

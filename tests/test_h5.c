@@ -265,6 +265,78 @@ static void test_round_f16(void **state)
     lv_aq_layer_free(&L);
 }
 
+/* quant.scale_bits = 8: the grid (base * 2^(-q/32) in fp16), rounding to the
+ * nearest grid value (within 1.1 % + fp16 rounding above base / 256,
+ * idempotent), refusals, bits per weight (16 per linear + 8 per row) and the
+ * file round trip (attribute kept, off-grid scales refused on write). */
+static void test_scales8(void **state)
+{
+    (void)state;
+    const float base = lv_round_f16(0.7f);
+    assert_true(lv_scale8_value(base, 0) == base);
+    assert_true(lv_scale8_value(base, 32) == base * 0.5f);
+    assert_true(lv_scale8_value(base, 255) < lv_scale8_value(base, 254));
+    lv_qmodel *q = make_qmodel(11), *r = NULL;
+    const double bpw16 = lv_qmodel_bits_per_weight(q);
+    double worst = 0.0, weights = 0.0, rows = 0.0;
+    lv_rng rng;
+    lv_rng_seed(&rng, 12);
+    for (int l = 0; l < q->cfg.n_layers; l++)
+        for (int k = 0; k < LV_LIN_COUNT; k++) {
+            lv_aq_layer *L = &q->blocks[l].lin[k];
+            for (int64_t i = 0; i < L->d_out; i++) /* scales over 3 octaves, one tiny */
+                L->scales[i] = lv_round_f16(ldexpf(1.0f + lv_rng_uniform(&rng), -(int)(i % 3)));
+            L->scales[0] = 1e-4f;
+            float *before = malloc(sizeof(float) * (size_t)L->d_out);
+            assert_non_null(before);
+            memcpy(before, L->scales, sizeof(float) * (size_t)L->d_out);
+            assert_int_equal(lv_aq_layer_round_scales8(L, "test"), LV_OK);
+            assert_true(lv_aq_scales8_ok(L));
+            float m = 0.0f;
+            for (int64_t i = 0; i < L->d_out; i++) m = before[i] > m ? before[i] : m;
+            for (int64_t i = 1; i < L->d_out; i++) {
+                const double e = fabs((double)L->scales[i] - before[i]) / before[i];
+                worst = e > worst ? e : worst;
+            }
+            assert_true(L->scales[0] == lv_scale8_value(lv_round_f16(m), 255)); /* clamped */
+            memcpy(before, L->scales, sizeof(float) * (size_t)L->d_out);
+            assert_int_equal(lv_aq_layer_round_scales8(L, "test"), LV_OK);
+            assert_memory_equal(before, L->scales, sizeof(float) * (size_t)L->d_out);
+            free(before);
+            weights += (double)L->d_out * L->d_in;
+            rows += (double)L->d_out;
+        }
+    printf("  8-bit scales: worst relative change %.4f %%\n", 100.0 * worst);
+    assert_true(worst <= 0.011 + 1e-3);
+    q->scale_bits = 8;
+    const double want = bpw16 - (8.0 * rows - 16.0 * LV_LIN_COUNT * q->cfg.n_layers) / weights;
+    assert_true(fabs(lv_qmodel_bits_per_weight(q) - want) < 1e-12);
+    const char *p = tpath("scales8.h5");
+    assert_int_equal(io_qmodel_write(q, p), LV_OK);
+    assert_int_equal(io_qmodel_read(&r, p), LV_OK);
+    assert_int_equal(r->scale_bits, 8);
+    for (int l = 0; l < q->cfg.n_layers; l++) assert_blocks_equal(&q->blocks[l], &r->blocks[l], q->cfg.dim);
+    assert_true(lv_qmodel_bits_per_weight(r) == lv_qmodel_bits_per_weight(q));
+    lv_qmodel_free(r);
+    /* off the grid: refused on write, naming the linear */
+    q->blocks[3].lin[LV_LIN_W2].scales[5] *= 1.003f;
+    assert_int_equal(io_qmodel_write(q, tpath("scales8-bad.h5")), LV_ERR_INVALID_ARG);
+    char line[512];
+    lv_last_error_line(line, sizeof line);
+    printf("  %s\n", line);
+    assert_non_null(strstr(line, "block 3 w2"));
+    /* scales <= 0 refused, naming the row, the layer unchanged */
+    lv_aq_layer *L = &q->blocks[0].lin[LV_LIN_WQ];
+    L->scales[7] = -0.25f;
+    const float keep = L->scales[3];
+    assert_int_equal(lv_aq_layer_round_scales8(L, "block 0 wq"), LV_ERR_NUMERIC);
+    lv_last_error_line(line, sizeof line);
+    printf("  %s\n", line);
+    assert_non_null(strstr(line, "scales[7]"));
+    assert_true(L->scales[3] == keep && L->scales[7] == -0.25f);
+    lv_qmodel_free(q);
+}
+
 static void test_block_checkpoints(void **state)
 {
     (void)state;
@@ -338,6 +410,7 @@ int main(void)
         cmocka_unit_test(test_model_roundtrip),
         cmocka_unit_test(test_model_extra),
         cmocka_unit_test(test_round_f16),
+        cmocka_unit_test(test_scales8),
         cmocka_unit_test(test_block_checkpoints),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);

@@ -41,4 +41,28 @@ else
   bad "type: rerun failed: $(tail -n 3 "$T/logt1r")"
 fi
 
+# quant.scale_bits = 8 (on the model-shared job): 16 bits per linear + 8 per row in bits per
+# weight, inspect says so, eval reads the model (the reader checks the grid), 2 ranks same bytes
+s8=("${common[@]}" --set quant.scale_bits=8)
+"$LLMVQ_BIN" quantize "$JOB" "${s8[@]}" --set output.dir="$T/s8" >/dev/null 2>"$T/logs8" \
+  && ok "scale_bits 8: 1 process" || bad "scale_bits 8 failed: $(tail -n 3 "$T/logs8")"
+python3 - "$T/s8/summary.json" "$T/np1/summary.json" <<'PY' && ok "scale_bits 8: bpw = fp16-scale bpw - (8 x 3000 rows - 16 x 35 linears) / 226560" || bad "scale_bits 8: bpw accounting"
+import json, sys
+a = json.load(open(sys.argv[1]))["bpw_total"]; b = json.load(open(sys.argv[2]))["bpw_total"]
+less = (8 * 3000 - 16 * 35) / 226560  # stories260K: 3000 output rows in 35 linears
+print(f"  8-bit scales {a:.6f}, fp16 scales {b:.6f}, difference {b - a:.6f} (expected {less:.6f})")
+sys.exit(0 if abs(b - a - less) < 1e-9 else 1)
+PY
+"$LLMVQ_BIN" inspect "$T/s8/model.h5" 2>&1 | grep -q "8-bit scales" \
+  && ok "scale_bits 8: inspect names them" || bad "scale_bits 8: inspect says $("$LLMVQ_BIN" inspect "$T/s8/model.h5" 2>&1)"
+"$LLMVQ_BIN" eval --quiet --model "$T/s8/model.h5" --tokenizer "$LLMVQ_SOURCE_DIR/jobs/demo/tok512.bin" \
+  --data "$LLMVQ_SOURCE_DIR/jobs/demo/tinystories_val_subset.txt" \
+  --max-tokens 2000 >"$T/evs8" 2>&1 && grep -q "^ppl " "$T/evs8" && ok "scale_bits 8: eval reads the model" \
+  || bad "scale_bits 8: eval failed: $(tail -n 3 "$T/evs8")"
+if mpirun -np 2 "$LLMVQ_BIN" quantize "$JOB" "${s8[@]}" --set output.dir="$T/s8b" >/dev/null 2>"$T/logs8b"; then
+  cmp -s "$T/s8/model.h5" "$T/s8b/model.h5" && ok "scale_bits 8: 2 ranks byte-identical" || bad "scale_bits 8: 2 ranks differ"
+else
+  bad "scale_bits 8: 2 ranks failed: $(tail -n 3 "$T/logs8b")"
+fi
+
 finish
