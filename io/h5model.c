@@ -573,6 +573,18 @@ static uint64_t qmodel_checksum(const lv_qmodel *q);
  * but does not share would be silently wrong once stored once): "codebooks",
  * (M, 2^B, g) for LV_SHARE_MODEL, (7, M, 2^B, g) in linear order for
  * LV_SHARE_TYPE. */
+/* 1 and the first (block, linear) whose scales are off their 8-bit grid, or 0. */
+static int scales8_off(const lv_qmodel *q, int *block, int *lin)
+{
+    for (int l = 0; l < q->cfg.n_layers; l++)
+        for (int k = 0; k < LV_LIN_COUNT; k++)
+            if (!lv_aq_scales8_ok(&q->blocks[l].lin[k])) {
+                *block = l, *lin = k;
+                return 1;
+            }
+    return 0;
+}
+
 static lv_status write_shared_codebooks(hid_t f, const lv_qmodel *q, const char *path)
 {
     lv_status st = LV_OK;
@@ -701,11 +713,10 @@ lv_status io_qmodel_write_extra(const lv_qmodel *q, const char *path, const char
     LV_TRY(attr_f64(f, "bpw_total", lv_qmodel_bits_per_weight(q), path));
     LV_TRY(attr_i64(f, "shared_codebooks", q->shared_codebooks, path));
     if (q->scale_bits == 8) { /* absent: fp16 scales (files before 8-bit scales existed too) */
-        for (int l = 0; l < c->n_layers; l++)
-            for (int k = 0; k < LV_LIN_COUNT; k++)
-                if (!lv_aq_scales8_ok(&q->blocks[l].lin[k]))
-                    LV_FAIL(LV_ERR_INVALID_ARG, "%s: scale_bits = 8 but block %d %s has scales off "
-                            "the 8-bit grid", path, l, lv_lin_name((lv_lin)k));
+        int bl, bk;
+        if (scales8_off(q, &bl, &bk))
+            LV_FAIL(LV_ERR_INVALID_ARG, "%s: scale_bits = 8 but block %d %s has scales off the "
+                    "8-bit grid", path, bl, lv_lin_name((lv_lin)bk));
         LV_TRY(attr_i64(f, "scale_bits", 8, path));
     }
     LV_TRY(attr_u64(f, "checksum", qmodel_checksum(q), path));
@@ -827,11 +838,10 @@ lv_status io_qmodel_read_extra(lv_qmodel **out, const char *path, const char *gr
         LV_TRY(attr_get_int(f, "scale_bits", &q->scale_bits, 8, 16, path));
         if (q->scale_bits != 8 && q->scale_bits != 16)
             LV_FAIL(LV_ERR_FORMAT, "%s: scale_bits = %d (8 or 16)", path, q->scale_bits);
-        for (int l = 0; q->scale_bits == 8 && l < c->n_layers; l++)
-            for (int k = 0; k < LV_LIN_COUNT; k++)
-                if (!lv_aq_scales8_ok(&q->blocks[l].lin[k]))
-                    LV_FAIL(LV_ERR_FORMAT, "%s: scale_bits = 8 but block %d %s has scales off the "
-                            "8-bit grid: the file is corrupt", path, l, lv_lin_name((lv_lin)k));
+        int bl, bk;
+        if (q->scale_bits == 8 && scales8_off(q, &bl, &bk))
+            LV_FAIL(LV_ERR_FORMAT, "%s: scale_bits = 8 but block %d %s has scales off the 8-bit "
+                    "grid: the file is corrupt", path, bl, lv_lin_name((lv_lin)bk));
     }
     if (group) LV_TRY(read_extra(f, group, arr, n_arr, path));
     *out = q;

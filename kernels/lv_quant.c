@@ -297,26 +297,27 @@ done:
     return st;
 }
 
-/* 2^(-q/32) for q = 0..255: r = 2^(-1/32) from five correctly rounded square
- * roots of 0.5, then repeated products, all in IEEE double. */
-static double scale8_factor(int q)
+/* r = 2^(-1/32) from five correctly rounded square roots of 0.5 (IEEE double). */
+static double scale8_ratio(void)
 {
-    double r = 0.5, f = 1.0;
+    double r = 0.5;
     for (int i = 0; i < 5; i++) r = sqrt(r);
-    for (int i = 0; i < q; i++) f *= r;
-    return f;
+    return r;
 }
 
 float lv_scale8_value(float base, int q)
 {
-    return lv_round_f16((float)((double)base * scale8_factor(q)));
+    double f = 1.0;
+    const double r = scale8_ratio();
+    for (int i = 0; i < q; i++) f *= r; /* the products of scale8_grid, in its order */
+    return lv_round_f16((float)((double)base * f));
 }
 
 /* The 256 grid values of base, decreasing (non-increasing after fp16 rounding). */
 static void scale8_grid(float base, float *v)
 {
-    double r = 0.5, f = 1.0;
-    for (int i = 0; i < 5; i++) r = sqrt(r);
+    const double r = scale8_ratio();
+    double f = 1.0;
     for (int q = 0; q < 256; q++, f *= r) v[q] = lv_round_f16((float)((double)base * f));
 }
 

@@ -6,6 +6,13 @@
 # the same bytes. Labelled slow (out of the sanitizer pass, where
 # test_shared_codebooks and test_stage_pvtune cover the type mode).
 . "$(dirname "$0")/lib.sh"
+# eval_reads NAME DIR: llmvq eval reads DIR/model.h5 (2000 tokens)
+eval_reads() {
+  "$LLMVQ_BIN" eval --quiet --model "$2/model.h5" --tokenizer "$LLMVQ_SOURCE_DIR/jobs/demo/tok512.bin" \
+    --data "$LLMVQ_SOURCE_DIR/jobs/demo/tinystories_val_subset.txt" \
+    --max-tokens 2000 >"$2.eval" 2>&1 && grep -q "^ppl " "$2.eval" && ok "$1: eval reads the model" \
+    || bad "$1: eval failed: $(tail -n 3 "$2.eval")"
+}
 shared_small_ref || bad "model-shared reference run failed: $(tail -n 3 "$T/log1")"
 # quant.share_codebooks = type: one codebook per linear type; 1 process and 2
 # ranks give the same bytes, the file says so, eval reads it, resume after
@@ -24,10 +31,7 @@ extra = 6 * 256 * 4 * 16 / 226560  # six more 1x8g4 codebooks over stories260K's
 print(f"  type {t:.6f}, model {m:.6f}, difference {t - m:.6f} (expected {extra:.6f})")
 sys.exit(0 if abs(t - m - extra) < 1e-9 else 1)
 PY
-"$LLMVQ_BIN" eval --quiet --model "$T/t1/model.h5" --tokenizer "$LLMVQ_SOURCE_DIR/jobs/demo/tok512.bin" \
-  --data "$LLMVQ_SOURCE_DIR/jobs/demo/tinystories_val_subset.txt" \
-  --max-tokens 2000 >"$T/evt" 2>&1 && grep -q "^ppl " "$T/evt" && ok "type: eval reads the model" \
-  || bad "type: eval failed: $(tail -n 3 "$T/evt")"
+eval_reads type "$T/t1"
 if mpirun -np 2 "$LLMVQ_BIN" quantize "$JOB" "${typ[@]}" --set output.dir="$T/t2" >/dev/null 2>"$T/logt2"; then
   cmp -s "$T/t1/model.h5" "$T/t2/model.h5" && ok "type: 2 ranks byte-identical to 1 process" || bad "type: 2 ranks differ"
 else
@@ -55,10 +59,7 @@ sys.exit(0 if abs(b - a - less) < 1e-9 else 1)
 PY
 "$LLMVQ_BIN" inspect "$T/s8/model.h5" 2>&1 | grep -q "8-bit scales" \
   && ok "scale_bits 8: inspect names them" || bad "scale_bits 8: inspect says $("$LLMVQ_BIN" inspect "$T/s8/model.h5" 2>&1)"
-"$LLMVQ_BIN" eval --quiet --model "$T/s8/model.h5" --tokenizer "$LLMVQ_SOURCE_DIR/jobs/demo/tok512.bin" \
-  --data "$LLMVQ_SOURCE_DIR/jobs/demo/tinystories_val_subset.txt" \
-  --max-tokens 2000 >"$T/evs8" 2>&1 && grep -q "^ppl " "$T/evs8" && ok "scale_bits 8: eval reads the model" \
-  || bad "scale_bits 8: eval failed: $(tail -n 3 "$T/evs8")"
+eval_reads "scale_bits 8" "$T/s8"
 if mpirun -np 2 "$LLMVQ_BIN" quantize "$JOB" "${s8[@]}" --set output.dir="$T/s8b" >/dev/null 2>"$T/logs8b"; then
   cmp -s "$T/s8/model.h5" "$T/s8b/model.h5" && ok "scale_bits 8: 2 ranks byte-identical" || bad "scale_bits 8: 2 ranks differ"
 else
